@@ -12,4 +12,660 @@ CONTRACT (filled in by issue 2):
     def parse_schedule(spec: str | float | Schedule) -> Schedule       # raises ScheduleSyntaxError (a ValueError)
     class ScheduleSyntaxError(ValueError)
     PRESETS: dict[str, str]                 # "redifine" -> its expansion
+
+THE GRAMMAR (the same text in the CLI, the ComfyUI nodes and config files; names are case-insensitive,
+whitespace is ignored, numbers may be ints, floats, negative or scientific)::
+
+    schedule := NUMBER                      a constant scale, e.g. 7.5
+              | NAME                        a preset with its default parameters, e.g. redifine
+              | NAME "(" [arg ("," arg)*] ")"
+    arg      := schedule | NUMBER ":" NUMBER   (keyframes, only inside keys(...))
+
+Per-step forms give w as a function of the denoising progress p in [0, 1] (p = 0 at the first step; step i of
+N is at p = i/(N-1); a single step is at p = 0):
+
+    7.5                      constant
+    linear(a, b)             w = a + (b - a)·p
+    cosine(a, b)             half cosine from a to b: w = b + (a - b)·(1 + cos(pi·p))/2
+    exp(a, b, rate)          exponential approach from a towards b: w = b + (a - b)·exp(-rate·p)
+    interval(w, p0, p1)      w for p0 <= p <= p1, 1.0 (no guidance) outside (Kynkäänniemi et al. 2024)
+    keys(p0:w0, p1:w1, ...)  piecewise linear through keyframes (p strictly ascending in [0, 1]), flat outside them
+
+Chain-axis forms choose the per-step schedule by chain iteration i (0 = the first generated set):
+
+    cycle(s0, s1, ...)                  iteration i uses s_(i mod n)
+    by_iter(s0, s1, ...)                iteration i uses s_i; iterations past the list keep using the last one
+    chain_decay(w_start, w_end, rate)   iteration i uses the constant w_end + (w_start - w_end)·exp(-rate·i)
+
+The items of cycle/by_iter are per-step schedules (numbers or any per-step form); chain-axis forms do not nest.
+
+Value rules (our choice): every number must be finite; guidance scales must be >= 0 (0 is the unconditional
+prediction, values in (0, 1) interpolate towards it, 1 is the conditional prediction alone; negative guidance is
+refused); progress arguments lie in [0, 1]; rates are >= 0.
+
+PRESETS (our reading of the paper, NOT the paper's formula, which is unknown; see docs/schedules.md):
+
+    redifine            = exp(7.5, 1, 3)             redifine(w_start, w_end, rate) overrides them positionally
+    redifine_chain      = chain_decay(7.5, 5, 0.5)   redifine_chain(w_start, w_end, rate) likewise
+
+Why: the paper's reviewers describe ReDiFine's schedule as "decayed CFG scaling during sampling" with "CFG scales
+and decay rates", and report method CFG values of 5 to 10. We read that as an exponential decay over the denoising
+steps that starts at a usual high scale (7.5, the middle of 5-10) and approaches 1 (guidance off), the regime where
+late steps no longer add over-guidance artefacts. Rate 3 leaves e^-3 = 5% of the excess guidance at the last step
+(w = 1.33) and makes the mean scale over the steps about 3. One reviewer instead says the scale is adjusted
+"along the chain": ``redifine_chain`` is that reading, a constant scale per generation decaying from 7.5 towards
+5 (the bottom of the reported range) by a factor e^-0.5 = 0.61 of the excess per iteration.
+
+Schedules are immutable and hashable; equality is structural (two schedules are equal when their canonical
+``spec`` is equal), so ``exp(7.5, 1, 3)`` equals the expanded ``redifine`` preset. ``parse_schedule(s.spec) == s``.
 """
+
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable, Optional, Sequence, Union
+
+__all__ = [
+    "Schedule",
+    "Constant",
+    "Linear",
+    "Cosine",
+    "Exp",
+    "Interval",
+    "Keys",
+    "Cycle",
+    "ByIter",
+    "ChainDecay",
+    "ScheduleSyntaxError",
+    "parse_schedule",
+    "PRESETS",
+    "FORMS",
+]
+
+# One line per form: used in error messages, the docs and ``redifine schedule --help``.
+FORMS: dict[str, str] = {
+    "<number>": "constant scale, e.g. 7.5",
+    "linear(a, b)": "linear from a at the first step to b at the last",
+    "cosine(a, b)": "half cosine from a to b",
+    "exp(a, b, rate)": "exponential approach from a towards b: b + (a-b)*exp(-rate*p)",
+    "interval(w, p0, p1)": "w for progress p in [p0, p1], 1 (no guidance) outside",
+    "keys(p0:w0, p1:w1, ...)": "piecewise linear through keyframes, p ascending in [0, 1]",
+    "cycle(s0, s1, ...)": "chain axis: iteration i uses s[i mod n]",
+    "by_iter(s0, s1, ...)": "chain axis: iteration i uses s[i], the last one after the list ends",
+    "chain_decay(w_start, w_end, rate)": "chain axis: constant w_end + (w_start-w_end)*exp(-rate*i) at iteration i",
+    "redifine | redifine(w_start, w_end, rate)": "preset, our reading of the paper: exp(7.5, 1, 3)",
+    "redifine_chain | redifine_chain(w_start, w_end, rate)": "preset, chain-axis reading: chain_decay(7.5, 5, 0.5)",
+}
+
+_AVAILABLE = "available forms: " + "; ".join(FORMS)
+
+
+class ScheduleSyntaxError(ValueError):
+    """A schedule spec that does not parse or breaks a value rule; the message shows where, with a caret."""
+
+    def __init__(self, spec: str, position: int, reason: str):
+        self.spec = spec
+        self.position = position
+        self.reason = reason
+        shown = re.sub(r"\s", " ", spec)  # keep the caret aligned under tabs and newlines
+        super().__init__(
+            f"invalid CFG schedule {spec!r}: {reason} (at character {position + 1})\n"
+            f"    {shown}\n"
+            f"    {' ' * position}^\n"
+            f"{_AVAILABLE}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schedule objects
+
+
+def _fmt(x: float) -> str:
+    """Shortest text that parses back to exactly ``x``: 7.5, 1, 0.001, 1e-07."""
+    x = float(x) + 0.0  # -0.0 -> 0.0
+    if x.is_integer() and abs(x) < 1e16:
+        return str(int(x))
+    return repr(x)
+
+
+def _check_progress(progress: float) -> float:
+    p = float(progress)
+    if not (0.0 <= p <= 1.0):
+        raise ValueError(f"progress must be in [0, 1] (0 = first denoising step), got {progress!r}")
+    return p
+
+
+def _check_iteration(iteration: int) -> int:
+    if isinstance(iteration, bool) or not isinstance(iteration, numbers.Integral) or iteration < 0:
+        raise ValueError(f"iteration must be an integer >= 0 (0 = first chain iteration), got {iteration!r}")
+    return int(iteration)
+
+
+class Schedule:
+    """A guidance scale w(progress) over denoising steps, optionally chosen per chain iteration.
+
+    Build one with :func:`parse_schedule`. Subclasses are frozen dataclasses, one per form of the grammar.
+    """
+
+    __slots__ = ()
+    is_chain_axis: bool = False
+
+    @property
+    def spec(self) -> str:
+        """Canonical text form; ``parse_schedule(s.spec) == s``."""
+        raise NotImplementedError
+
+    def _w(self, p: float) -> float:  # per-step forms: w at progress p (already validated)
+        raise NotImplementedError
+
+    def at_iteration(self, iteration: int) -> "Schedule":
+        """The per-step schedule used at chain iteration ``iteration`` (a per-step schedule returns itself)."""
+        _check_iteration(iteration)
+        return self
+
+    def scale(self, progress: float, iteration: int = 0) -> float:
+        """Guidance scale at denoising progress ``progress`` in [0, 1] (0 = first step) of chain iteration ``iteration``."""
+        p = _check_progress(progress)
+        return float(self.at_iteration(iteration)._w(p))
+
+    def values(self, steps: int, iteration: int = 0) -> list[float]:
+        """Per-step scales for ``steps`` denoising steps: step i is at progress i/(steps-1); one step is at 0."""
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        per_step = self.at_iteration(iteration)
+        if steps == 1:
+            return [float(per_step._w(0.0))]
+        return [float(per_step._w(i / (steps - 1))) for i in range(steps)]
+
+    def describe(self) -> str:
+        """One-line human description."""
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return self.spec
+
+    def __repr__(self) -> str:
+        return f"parse_schedule({self.spec!r})"
+
+
+def _preset_note(preset: Optional[str]) -> str:
+    return f"preset {preset!r} (our reading of the paper, not its formula): " if preset else ""
+
+
+@dataclass(frozen=True, repr=False)
+class Constant(Schedule):
+    w: float
+
+    @property
+    def spec(self) -> str:
+        return _fmt(self.w)
+
+    def _w(self, p: float) -> float:
+        return self.w
+
+    def describe(self) -> str:
+        return f"constant w = {_fmt(self.w)}" + (" (no guidance)" if self.w == 1 else "")
+
+
+@dataclass(frozen=True, repr=False)
+class Linear(Schedule):
+    a: float
+    b: float
+
+    @property
+    def spec(self) -> str:
+        return f"linear({_fmt(self.a)}, {_fmt(self.b)})"
+
+    def _w(self, p: float) -> float:
+        return self.a + (self.b - self.a) * p
+
+    def describe(self) -> str:
+        return f"linear from w = {_fmt(self.a)} at the first step to w = {_fmt(self.b)} at the last"
+
+
+@dataclass(frozen=True, repr=False)
+class Cosine(Schedule):
+    a: float
+    b: float
+
+    @property
+    def spec(self) -> str:
+        return f"cosine({_fmt(self.a)}, {_fmt(self.b)})"
+
+    def _w(self, p: float) -> float:
+        return self.b + (self.a - self.b) * (1.0 + math.cos(math.pi * p)) / 2.0
+
+    def describe(self) -> str:
+        return f"half cosine from w = {_fmt(self.a)} at the first step to w = {_fmt(self.b)} at the last"
+
+
+@dataclass(frozen=True, repr=False)
+class Exp(Schedule):
+    a: float
+    b: float
+    rate: float
+    preset: Optional[str] = field(default=None, compare=False)  # the preset it was expanded from, for describe()
+
+    @property
+    def spec(self) -> str:
+        return f"exp({_fmt(self.a)}, {_fmt(self.b)}, {_fmt(self.rate)})"
+
+    def _w(self, p: float) -> float:
+        return self.b + (self.a - self.b) * math.exp(-self.rate * p)
+
+    def describe(self) -> str:
+        return _preset_note(self.preset) + (
+            f"exponential approach from w = {_fmt(self.a)} towards {_fmt(self.b)} at rate {_fmt(self.rate)} "
+            f"(w = {self._w(1.0):.3g} at the last step)"
+        )
+
+
+@dataclass(frozen=True, repr=False)
+class Interval(Schedule):
+    w: float
+    p0: float
+    p1: float
+
+    @property
+    def spec(self) -> str:
+        return f"interval({_fmt(self.w)}, {_fmt(self.p0)}, {_fmt(self.p1)})"
+
+    def _w(self, p: float) -> float:
+        return self.w if self.p0 <= p <= self.p1 else 1.0
+
+    def describe(self) -> str:
+        return f"w = {_fmt(self.w)} for progress in [{_fmt(self.p0)}, {_fmt(self.p1)}], 1 (no guidance) outside"
+
+
+@dataclass(frozen=True, repr=False)
+class Keys(Schedule):
+    points: tuple[tuple[float, float], ...]  # (progress, w), progress strictly ascending
+
+    @property
+    def spec(self) -> str:
+        return "keys(" + ", ".join(f"{_fmt(p)}:{_fmt(w)}" for p, w in self.points) + ")"
+
+    def _w(self, p: float) -> float:
+        pts = self.points
+        if p <= pts[0][0]:
+            return pts[0][1]
+        for (p0, w0), (p1, w1) in zip(pts, pts[1:]):
+            if p <= p1:
+                return w0 + (w1 - w0) * (p - p0) / (p1 - p0)
+        return pts[-1][1]
+
+    def describe(self) -> str:
+        pts = ", ".join(f"w = {_fmt(w)} at p = {_fmt(p)}" for p, w in self.points)
+        return f"piecewise linear through {len(self.points)} keyframe(s): {pts}"
+
+
+@dataclass(frozen=True, repr=False)
+class Cycle(Schedule):
+    items: tuple[Schedule, ...]
+    is_chain_axis = True
+
+    @property
+    def spec(self) -> str:
+        return "cycle(" + ", ".join(s.spec for s in self.items) + ")"
+
+    def at_iteration(self, iteration: int) -> Schedule:
+        return self.items[_check_iteration(iteration) % len(self.items)]
+
+    def describe(self) -> str:
+        return f"per chain iteration, cycling through {len(self.items)}: " + "; ".join(s.spec for s in self.items)
+
+
+@dataclass(frozen=True, repr=False)
+class ByIter(Schedule):
+    items: tuple[Schedule, ...]
+    is_chain_axis = True
+
+    @property
+    def spec(self) -> str:
+        return "by_iter(" + ", ".join(s.spec for s in self.items) + ")"
+
+    def at_iteration(self, iteration: int) -> Schedule:
+        return self.items[min(_check_iteration(iteration), len(self.items) - 1)]
+
+    def describe(self) -> str:
+        parts = [f"iteration {i}: {s.spec}" for i, s in enumerate(self.items)]
+        parts[-1] = f"iteration {len(self.items) - 1} on: {self.items[-1].spec}"
+        return "per chain iteration, " + "; ".join(parts)
+
+
+@dataclass(frozen=True, repr=False)
+class ChainDecay(Schedule):
+    w_start: float
+    w_end: float
+    rate: float
+    preset: Optional[str] = field(default=None, compare=False)
+    is_chain_axis = True
+
+    @property
+    def spec(self) -> str:
+        return f"chain_decay({_fmt(self.w_start)}, {_fmt(self.w_end)}, {_fmt(self.rate)})"
+
+    def at_iteration(self, iteration: int) -> Schedule:
+        i = _check_iteration(iteration)
+        return Constant(self.w_end + (self.w_start - self.w_end) * math.exp(-self.rate * i))
+
+    def describe(self) -> str:
+        w1 = self.at_iteration(1).scale(0.0)
+        return _preset_note(self.preset) + (
+            f"constant per chain iteration, decaying from w = {_fmt(self.w_start)} towards {_fmt(self.w_end)} "
+            f"at rate {_fmt(self.rate)} (iteration 1 uses w = {w1:.3g})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer and recursive-descent parser
+
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class _Tok:
+    kind: str  # "num", "name", one of "(),:", "end"
+    text: str
+    pos: int
+
+
+def _tokenize(spec: str) -> list[_Tok]:
+    toks: list[_Tok] = []
+    i, n = 0, len(spec)
+    while i < n:
+        c = spec[i]
+        if c.isspace():
+            i += 1
+            continue
+        if c in "(),:":
+            toks.append(_Tok(c, c, i))
+            i += 1
+            continue
+        m = _NUMBER.match(spec, i)
+        if m:
+            toks.append(_Tok("num", m.group(), i))
+            i = m.end()
+            continue
+        m = _NAME.match(spec, i)
+        if m:
+            toks.append(_Tok("name", m.group().lower(), i))
+            i = m.end()
+            continue
+        raise ScheduleSyntaxError(spec, i, f"unexpected character {c!r}: expected a number, a form name, '(', ',', ')' or ':'")
+    toks.append(_Tok("end", "", n))
+    return toks
+
+
+# Syntax tree nodes (private): a number, a keyframe pair, or a call/preset name with arguments.
+@dataclass(frozen=True)
+class _Num:
+    value: float
+    pos: int
+
+
+@dataclass(frozen=True)
+class _Pair:
+    p: _Num
+    w: _Num
+    pos: int
+
+
+@dataclass(frozen=True)
+class _Call:
+    name: str
+    pos: int
+    args: tuple  # of _Num | _Pair | _Call
+    has_parens: bool
+    close_pos: int  # position of ")" (or the end of the name), for "missing argument" carets
+
+
+_Node = Union[_Num, _Pair, _Call]
+
+
+class _Parser:
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.toks = _tokenize(spec)
+        self.i = 0
+
+    def error(self, pos: int, reason: str) -> ScheduleSyntaxError:
+        return ScheduleSyntaxError(self.spec, pos, reason)
+
+    @property
+    def tok(self) -> _Tok:
+        return self.toks[self.i]
+
+    def _found(self) -> str:
+        return "the end of the spec" if self.tok.kind == "end" else repr(self.tok.text)
+
+    def parse(self) -> _Node:
+        if self.tok.kind == "end":
+            raise self.error(0, "the spec is empty: expected a number or a schedule form")
+        node = self.term(allow_pair=False)
+        if self.tok.kind != "end":
+            raise self.error(self.tok.pos, f"unexpected {self._found()} after the end of the schedule: expected nothing more")
+        return node
+
+    def number(self) -> _Num:
+        t = self.tok
+        self.i += 1
+        return _Num(float(t.text) + 0.0, t.pos)  # + 0.0 turns -0 into 0
+
+    def term(self, allow_pair: bool) -> _Node:
+        t = self.tok
+        if t.kind == "num":
+            num = self.number()
+            if self.tok.kind == ":":
+                if not allow_pair:
+                    raise self.error(self.tok.pos, "unexpected ':': keyframes p:w are only allowed inside keys(...)")
+                self.i += 1
+                if self.tok.kind != "num":
+                    raise self.error(self.tok.pos, f"expected the keyframe's scale w (a number) after ':', found {self._found()}")
+                return _Pair(num, self.number(), t.pos)
+            return num
+        if t.kind == "name":
+            self.i += 1
+            if t.text not in _BUILDERS and t.text not in _PRESET_DEFS:
+                close = difflib.get_close_matches(t.text, list(_BUILDERS) + list(_PRESET_DEFS), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise self.error(t.pos, f"unknown schedule form {t.text!r}{hint}")
+            if self.tok.kind != "(":
+                if t.text in _PRESET_DEFS:
+                    return _Call(t.text, t.pos, (), False, t.pos)
+                raise self.error(self.tok.pos, f"expected '(' after {t.text!r}, found {self._found()}")
+            self.i += 1
+            args: list[_Node] = []
+            if self.tok.kind != ")":
+                while True:
+                    args.append(self.term(allow_pair=(t.text == "keys")))
+                    if self.tok.kind == ",":
+                        self.i += 1
+                        continue
+                    if self.tok.kind == ")":
+                        break
+                    raise self.error(self.tok.pos, f"expected ',' or ')' in {t.text}(...), found {self._found()}")
+            close_pos = self.tok.pos
+            self.i += 1
+            return _Call(t.text, t.pos, tuple(args), True, close_pos)
+        raise self.error(t.pos, f"expected a number or a schedule form, found {self._found()}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building schedules from the tree, with value rules
+
+
+class _Builder:
+    def __init__(self, parser: _Parser):
+        self.p = parser
+
+    def error(self, pos: int, reason: str) -> ScheduleSyntaxError:
+        return self.p.error(pos, reason)
+
+    def build(self, node: _Node) -> Schedule:
+        if isinstance(node, _Num):
+            return Constant(self.scale_value(node, "constant", "w"))
+        if isinstance(node, _Pair):  # pragma: no cover - the parser only makes pairs inside keys(...)
+            raise self.error(node.pos, "keyframes p:w are only allowed inside keys(...)")
+        if node.name in _PRESET_DEFS:
+            return self.preset(node)
+        return _BUILDERS[node.name](self, node)
+
+    # value checks --------------------------------------------------------------------------------------------
+    def finite(self, node: _Node, form: str, arg: str) -> float:
+        if not isinstance(node, _Num):
+            what = "a keyframe" if isinstance(node, _Pair) else "a schedule"
+            raise self.error(node.pos, f"{form} argument {arg!r} must be a number, found {what}")
+        if not math.isfinite(node.value):
+            raise self.error(node.pos, f"{form} argument {arg!r} must be finite, got {node.value}")
+        return node.value
+
+    def scale_value(self, node: _Node, form: str, arg: str) -> float:
+        v = self.finite(node, form, arg)
+        if v < 0:
+            raise self.error(node.pos, f"{form} argument {arg!r} = {_fmt(v)} is a guidance scale and must be >= 0 "
+                                       "(negative guidance is not supported)")
+        return v
+
+    def progress_value(self, node: _Node, form: str, arg: str) -> float:
+        v = self.finite(node, form, arg)
+        if not 0.0 <= v <= 1.0:
+            raise self.error(node.pos, f"{form} argument {arg!r} = {_fmt(v)} is a progress and must be in [0, 1]")
+        return v
+
+    def rate_value(self, node: _Node, form: str, arg: str) -> float:
+        v = self.finite(node, form, arg)
+        if v < 0:
+            raise self.error(node.pos, f"{form} argument {arg!r} = {_fmt(v)} must be >= 0")
+        return v
+
+    def arity(self, node: _Call, names: Sequence[str]) -> None:
+        sig = f"{node.name}({', '.join(names)})"
+        if len(node.args) > len(names):
+            raise self.error(node.args[len(names)].pos,
+                             f"{node.name} takes {len(names)} argument(s), {sig}; got {len(node.args)}")
+        if len(node.args) < len(names):
+            raise self.error(node.close_pos, f"{node.name} takes {len(names)} argument(s), {sig}; got "
+                                             f"{len(node.args)}: missing {names[len(node.args)]!r}")
+
+    # forms -----------------------------------------------------------------------------------------------------
+    def two_scales(self, node: _Call, cls):
+        self.arity(node, ("a", "b"))
+        return cls(self.scale_value(node.args[0], node.name, "a"), self.scale_value(node.args[1], node.name, "b"))
+
+    def exp(self, node: _Call, names=("a", "b", "rate"), preset=None) -> Exp:
+        self.arity(node, names)
+        a, b, r = node.args
+        form = preset or node.name
+        return Exp(self.scale_value(a, form, names[0]), self.scale_value(b, form, names[1]),
+                   self.rate_value(r, form, names[2]), preset=preset)
+
+    def interval(self, node: _Call) -> Interval:
+        self.arity(node, ("w", "p0", "p1"))
+        w = self.scale_value(node.args[0], "interval", "w")
+        p0 = self.progress_value(node.args[1], "interval", "p0")
+        p1 = self.progress_value(node.args[2], "interval", "p1")
+        if p1 < p0:
+            raise self.error(node.args[2].pos, f"interval argument 'p1' = {_fmt(p1)} must be >= p0 = {_fmt(p0)}")
+        return Interval(w, p0, p1)
+
+    def keys(self, node: _Call) -> Keys:
+        if not node.args:
+            raise self.error(node.close_pos, "keys takes at least one keyframe p:w, e.g. keys(0:7.5, 1:1)")
+        points: list[tuple[float, float]] = []
+        for k, arg in enumerate(node.args):
+            if not isinstance(arg, _Pair):
+                raise self.error(arg.pos, f"keys argument {k + 1} must be a keyframe p:w (progress:scale), e.g. 0.5:3")
+            p = self.progress_value(arg.p, "keys", f"p of keyframe {k + 1}")
+            w = self.scale_value(arg.w, "keys", f"w of keyframe {k + 1}")
+            if points and p <= points[-1][0]:
+                raise self.error(arg.pos, f"keys: keyframe {k + 1} has p = {_fmt(p)}, not greater than the previous "
+                                          f"p = {_fmt(points[-1][0])}: keyframes must be in strictly ascending p")
+            points.append((p, w))
+        return Keys(tuple(points))
+
+    def items(self, node: _Call, cls):
+        if not node.args:
+            raise self.error(node.close_pos, f"{node.name} takes at least one per-step schedule, e.g. {node.name}(7.5, 3)")
+        out = []
+        for k, arg in enumerate(node.args):
+            s = self.build(arg)
+            if s.is_chain_axis:
+                raise self.error(arg.pos, f"{node.name} item {k + 1} is itself a chain-axis schedule: "
+                                          "the items must be per-step schedules")
+            out.append(s)
+        return cls(tuple(out))
+
+    def chain_decay(self, node: _Call, names=("w_start", "w_end", "rate"), preset=None) -> ChainDecay:
+        self.arity(node, names)
+        form = preset or node.name
+        a, b, r = node.args
+        return ChainDecay(self.scale_value(a, form, names[0]), self.scale_value(b, form, names[1]),
+                          self.rate_value(r, form, names[2]), preset=preset)
+
+    def preset(self, node: _Call) -> Schedule:
+        form, names, defaults = _PRESET_DEFS[node.name]
+        if len(node.args) > len(names):
+            raise self.error(node.args[len(names)].pos, f"preset {node.name} takes at most {len(names)} argument(s), "
+                                                        f"{node.name}({', '.join(names)}); got {len(node.args)}")
+        filled = list(node.args) + [_Num(v, node.pos) for v in defaults[len(node.args):]]
+        expanded = _Call(form, node.pos, tuple(filled), True, node.close_pos)
+        builder = {"exp": _Builder.exp, "chain_decay": _Builder.chain_decay}[form]
+        return builder(self, expanded, names=names, preset=node.name)
+
+
+_BUILDERS: dict[str, Callable[[_Builder, _Call], Schedule]] = {
+    "linear": lambda b, n: b.two_scales(n, Linear),
+    "cosine": lambda b, n: b.two_scales(n, Cosine),
+    "exp": lambda b, n: b.exp(n),
+    "interval": _Builder.interval,
+    "keys": _Builder.keys,
+    "cycle": lambda b, n: b.items(n, Cycle),
+    "by_iter": lambda b, n: b.items(n, ByIter),
+    "chain_decay": lambda b, n: b.chain_decay(n),
+}
+
+# name -> (form it expands to, parameter names, defaults). Our choice, not the paper's: see the module docstring.
+_PRESET_DEFS: dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
+    "redifine": ("exp", ("w_start", "w_end", "rate"), (7.5, 1.0, 3.0)),
+    "redifine_chain": ("chain_decay", ("w_start", "w_end", "rate"), (7.5, 5.0, 0.5)),
+}
+
+
+@lru_cache(maxsize=512)
+def _parse_text(spec: str) -> Schedule:
+    parser = _Parser(spec)
+    return _Builder(parser).build(parser.parse())
+
+
+def parse_schedule(spec: Union[str, float, Schedule]) -> Schedule:
+    """Parse a schedule spec (text), a constant scale (a number) or return a :class:`Schedule` as is.
+
+    Raises :class:`ScheduleSyntaxError` (a ``ValueError``) with a caret under the offending character.
+    """
+    if isinstance(spec, Schedule):
+        return spec
+    if isinstance(spec, bool):
+        raise TypeError(f"a CFG schedule must be a str, a number or a Schedule, got the bool {spec!r}")
+    if isinstance(spec, numbers.Real):
+        value = float(spec) + 0.0
+        text = _fmt(value) if math.isfinite(value) else repr(value)
+        if not math.isfinite(value):
+            raise ScheduleSyntaxError(text, 0, f"constant argument 'w' must be finite, got {value}")
+        if value < 0:
+            raise ScheduleSyntaxError(text, 0, f"constant argument 'w' = {text} is a guidance scale and must be >= 0 "
+                                               "(negative guidance is not supported)")
+        return Constant(value)
+    if isinstance(spec, str):
+        return _parse_text(spec)
+    raise TypeError(f"a CFG schedule must be a str, a number or a Schedule, got {type(spec).__name__}: {spec!r}")
+
+
+# name -> canonical expansion, e.g. "redifine" -> "exp(7.5, 1, 3)"
+PRESETS: dict[str, str] = {name: _parse_text(name).spec for name in _PRESET_DEFS}

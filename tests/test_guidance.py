@@ -1,0 +1,303 @@
+"""CFG schedule grammar: values from the formulas, canonical specs, chain axis, presets and error messages."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from redifine_core.guidance import PRESETS, Schedule, ScheduleSyntaxError, parse_schedule
+
+
+def approx(x):
+    return pytest.approx(x, rel=1e-12, abs=1e-12)
+
+
+# --- per-step forms at known points (expected values worked out from the formulas by hand) -------------------
+
+@pytest.mark.parametrize(
+    "spec, p, expected",
+    [
+        ("7.5", 0.0, 7.5),
+        ("7.5", 0.37, 7.5),
+        ("linear(7, 1)", 0.0, 7.0),
+        ("linear(7, 1)", 0.5, 4.0),
+        ("linear(7, 1)", 1.0, 1.0),
+        ("linear(2, 10)", 0.25, 4.0),
+        ("cosine(7, 1)", 0.0, 7.0),
+        ("cosine(7, 1)", 0.5, 4.0),  # cos(pi/2) = 0: the midpoint
+        ("cosine(7, 1)", 1.0, 1.0),
+        ("cosine(9, 1)", 1 / 3, 1 + 8 * 0.75),  # (1 + cos(pi/3))/2 = 0.75
+        ("exp(7.5, 1, 3)", 0.0, 7.5),
+        ("exp(7.5, 1, 3)", 1.0, 1 + 6.5 * math.exp(-3)),
+        ("exp(8, 2, 2)", 0.5, 2 + 6 * math.exp(-1)),
+        ("exp(1, 5, 0)", 0.7, 1.0),  # rate 0 stays at a
+        ("interval(5, 0.2, 0.8)", 0.1, 1.0),
+        ("interval(5, 0.2, 0.8)", 0.2, 5.0),  # bounds are inside
+        ("interval(5, 0.2, 0.8)", 0.5, 5.0),
+        ("interval(5, 0.2, 0.8)", 0.8, 5.0),
+        ("interval(5, 0.2, 0.8)", 0.81, 1.0),
+        ("keys(0:7.5, 0.5:3, 1:1)", 0.25, 5.25),  # halfway between 7.5 and 3
+        ("keys(0:7.5, 0.5:3, 1:1)", 0.5, 3.0),
+        ("keys(0:7.5, 0.5:3, 1:1)", 0.75, 2.0),
+        ("keys(0.2:6, 0.6:2)", 0.0, 6.0),  # clamped before the first key
+        ("keys(0.2:6, 0.6:2)", 0.4, 4.0),
+        ("keys(0.2:6, 0.6:2)", 1.0, 2.0),  # clamped after the last key
+        ("keys(0.5:3)", 0.9, 3.0),
+    ],
+)
+def test_per_step_values_match_formula(spec, p, expected):
+    assert parse_schedule(spec).scale(p) == approx(expected)
+
+
+def test_values_length_endpoints_and_step_positions():
+    s = parse_schedule("linear(7, 1)")
+    v = s.values(7)
+    assert len(v) == 7
+    assert v[0] == 7.0 and v[-1] == 1.0
+    assert v == approx([7 - i for i in range(7)])  # step i at p = i/6: 7 - 6*(i/6)
+    assert s.values(1) == [7.0]  # a single step sits at p = 0
+    assert s.values(2) == [7.0, 1.0]
+    e = parse_schedule("exp(10, 2, 4)")
+    assert e.values(5) == approx([2 + 8 * math.exp(-4 * i / 4) for i in range(5)])
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "3"])
+def test_values_rejects_bad_step_counts(bad):
+    with pytest.raises(ValueError, match="steps"):
+        parse_schedule("linear(7, 1)").values(bad)
+
+
+@pytest.mark.parametrize("p", [-0.01, 1.01, float("nan")])
+def test_scale_rejects_progress_outside_unit_interval(p):
+    with pytest.raises(ValueError, match="progress"):
+        parse_schedule("7").scale(p)
+
+
+def test_at_iteration_rejects_negative_iteration():
+    with pytest.raises(ValueError, match="iteration"):
+        parse_schedule("cycle(1, 2)").at_iteration(-1)
+
+
+# --- text handling, canonical specs, equality ---------------------------------------------------------------
+
+def test_whitespace_case_and_number_forms_are_equivalent():
+    a = parse_schedule("exp(7.5, 1, 3)")
+    assert parse_schedule("  EXP ( 7.50 ,\n 1.0,3 )\t") == a
+    assert parse_schedule("Exp(75e-1, +1, 0.3E1)") == a
+    assert parse_schedule(".5").scale(0) == 0.5
+    assert parse_schedule("1e-3").scale(0) == 0.001
+
+
+@pytest.mark.parametrize(
+    "spec, canonical",
+    [
+        ("7.50", "7.5"),
+        ("3.0", "3"),
+        ("-0", "0"),
+        ("LINEAR(7,1)", "linear(7, 1)"),
+        ("cosine( 7.5 , 1 )", "cosine(7.5, 1)"),
+        ("exp(7.5,1,3)", "exp(7.5, 1, 3)"),
+        ("interval(5,.2,.8)", "interval(5, 0.2, 0.8)"),
+        ("keys(0:7.5,.5:3,1:1)", "keys(0:7.5, 0.5:3, 1:1)"),
+        ("cycle(7.5,linear(3,1))", "cycle(7.5, linear(3, 1))"),
+        ("by_iter(7.5, 5)", "by_iter(7.5, 5)"),
+        ("chain_decay(7.5,5,.5)", "chain_decay(7.5, 5, 0.5)"),
+        ("1e-7", "1e-07"),
+    ],
+)
+def test_canonical_spec_and_round_trip(spec, canonical):
+    s = parse_schedule(spec)
+    assert s.spec == canonical
+    assert str(s) == canonical
+    again = parse_schedule(s.spec)
+    assert again == s and hash(again) == hash(s)
+    assert again.values(9) == s.values(9)
+
+
+def test_round_trip_is_exact_for_awkward_floats():
+    s = parse_schedule("linear(0.1, 7.123456789012345)")
+    assert parse_schedule(s.spec) == s
+    assert parse_schedule(s.spec).values(4) == s.values(4)
+
+
+def test_equality_and_hashing_are_structural():
+    assert parse_schedule("linear(7, 1)") != parse_schedule("linear(7, 2)")
+    assert parse_schedule("linear(7, 1)") != parse_schedule("cosine(7, 1)")
+    assert parse_schedule("7") != parse_schedule("interval(7, 0, 1)")  # same values, different schedule
+    assert len({parse_schedule("redifine"), parse_schedule("exp(7.5, 1, 3)"), parse_schedule("7.5")}) == 2
+
+
+def test_schedules_are_immutable():
+    s = parse_schedule("linear(7, 1)")
+    with pytest.raises(AttributeError):
+        s.a = 3  # type: ignore[misc]
+
+
+def test_parse_schedule_accepts_schedule_and_numbers():
+    s = parse_schedule("linear(7, 1)")
+    assert parse_schedule(s) is s
+    assert parse_schedule(7.5) == parse_schedule("7.5")
+    assert parse_schedule(3) == parse_schedule("3")
+    assert isinstance(parse_schedule(2), Schedule)
+    with pytest.raises(ScheduleSyntaxError, match="must be >= 0"):
+        parse_schedule(-2.0)
+    with pytest.raises(ScheduleSyntaxError, match="finite"):
+        parse_schedule(float("inf"))
+    with pytest.raises(TypeError):
+        parse_schedule(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        parse_schedule(True)  # type: ignore[arg-type]
+
+
+def test_guidance_below_one_is_allowed():
+    assert parse_schedule("linear(1, 0)").values(3) == [1.0, 0.5, 0.0]
+
+
+# --- chain axis --------------------------------------------------------------------------------------------
+
+def test_cycle_picks_item_by_iteration_modulo():
+    s = parse_schedule("cycle(7.5, linear(3, 1), 2)")
+    assert s.is_chain_axis
+    assert s.at_iteration(0) == parse_schedule("7.5")
+    assert s.at_iteration(1) == parse_schedule("linear(3, 1)")
+    assert s.at_iteration(2) == parse_schedule("2")
+    assert s.at_iteration(3) == parse_schedule("7.5")
+    assert s.at_iteration(7) == parse_schedule("linear(3, 1)")
+    assert s.values(3, iteration=4) == [3.0, 2.0, 1.0]
+    assert s.scale(0.5, iteration=1) == 2.0
+
+
+def test_by_iter_holds_last_item():
+    s = parse_schedule("by_iter(9, 5, linear(4, 2))")
+    assert [s.at_iteration(i).spec for i in range(5)] == ["9", "5", "linear(4, 2)", "linear(4, 2)", "linear(4, 2)"]
+    assert s.values(3, iteration=10) == [4.0, 3.0, 2.0]
+
+
+def test_chain_decay_is_constant_per_iteration():
+    s = parse_schedule("chain_decay(8, 2, 0.5)")
+    assert s.is_chain_axis
+    for i in range(4):
+        expected = 2 + 6 * math.exp(-0.5 * i)
+        assert s.values(4, iteration=i) == approx([expected] * 4)
+        assert not s.at_iteration(i).is_chain_axis
+
+
+def test_per_step_schedules_ignore_iteration():
+    s = parse_schedule("linear(7, 1)")
+    assert not s.is_chain_axis
+    assert s.at_iteration(5) is s
+    assert s.values(3, iteration=9) == s.values(3)
+
+
+# --- presets -----------------------------------------------------------------------------------------------
+
+def test_redifine_preset_expands_to_documented_exponential_decay():
+    assert PRESETS["redifine"] == "exp(7.5, 1, 3)"
+    s = parse_schedule("redifine")
+    assert s == parse_schedule(PRESETS["redifine"])
+    assert parse_schedule("ReDiFine()") == s
+    v = s.values(20)
+    assert v[0] == 7.5
+    assert all(a > b for a, b in zip(v, v[1:]))  # decays every step
+    assert v[-1] == approx(1 + 6.5 * math.exp(-3))  # 5% of the excess guidance left at the last step
+    assert "preset" in s.describe() and "not" in s.describe()  # labelled as our reading, not the paper's
+
+
+def test_redifine_preset_parameters_override_positionally():
+    assert parse_schedule("redifine(10)") == parse_schedule("exp(10, 1, 3)")
+    assert parse_schedule("redifine(10, 2)") == parse_schedule("exp(10, 2, 3)")
+    assert parse_schedule("redifine(5, 1.5, 6)") == parse_schedule("exp(5, 1.5, 6)")
+
+
+def test_redifine_chain_preset_decays_along_the_chain():
+    s = parse_schedule("redifine_chain")
+    assert s.spec == PRESETS["redifine_chain"] == "chain_decay(7.5, 5, 0.5)"
+    assert s.is_chain_axis
+    assert s.scale(0.3, iteration=0) == 7.5
+    assert s.scale(0.3, iteration=2) == approx(5 + 2.5 * math.exp(-1))
+    assert parse_schedule("redifine_chain(10, 3, 1)") == parse_schedule("chain_decay(10, 3, 1)")
+
+
+def test_describe_is_one_line_for_every_form():
+    for spec in ["7.5", "1", "linear(7,1)", "cosine(7,1)", "exp(7,1,2)", "interval(5,0.2,0.8)", "keys(0:3,1:1)",
+                 "cycle(1,2)", "by_iter(3,linear(2,1))", "chain_decay(7,5,1)", "redifine", "redifine_chain"]:
+        d = parse_schedule(spec).describe()
+        assert d and "\n" not in d
+    assert "w = 5" in parse_schedule("interval(5,0.2,0.8)").describe()
+    assert "no guidance" in parse_schedule("1").describe()
+
+
+# --- errors: caret position and message content ------------------------------------------------------------
+
+BAD_SPECS = [
+    # spec, caret position (0-based), substrings of the message
+    ("", 0, ["empty"]),
+    ("   ", 0, ["empty"]),
+    ("linear(7, )", 10, ["expected a number or a schedule form", "')'"]),
+    ("linear(7, 1", 11, ["expected ',' or ')'", "end of the spec"]),
+    ("linear(7 1)", 9, ["expected ',' or ')'", "'1'"]),
+    ("linaer(7, 1)", 0, ["unknown schedule form 'linaer'", "did you mean 'linear'"]),
+    ("linear 7", 7, ["expected '(' after 'linear'"]),
+    ("7.5 x", 4, ["after the end of the schedule"]),
+    ("lin@ear(7, 1)", 3, ["unexpected character '@'"]),
+    ("linear(7, 1, 2)", 13, ["linear takes 2 argument", "got 3"]),
+    ("exp(7, 1)", 8, ["exp takes 3 argument", "missing 'rate'"]),
+    ("linear(-1, 2)", 7, ["linear argument 'a'", ">= 0"]),
+    ("cosine(3, -0.5)", 10, ["cosine argument 'b'", ">= 0"]),
+    ("exp(7, 1, -2)", 10, ["exp argument 'rate'", ">= 0"]),
+    ("linear(1e999, 1)", 7, ["linear argument 'a'", "finite"]),
+    ("interval(5, 0.2, 1.5)", 17, ["interval argument 'p1'", "[0, 1]"]),
+    ("interval(5, -0.1, 0.5)", 12, ["interval argument 'p0'", "[0, 1]"]),
+    ("interval(5, 0.8, 0.2)", 17, ["interval argument 'p1'", "p0"]),
+    ("keys(0:7, 0.5:3, 0.5:1)", 17, ["keyframe 3", "strictly ascending"]),
+    ("keys(0.6:7, 0.2:3)", 12, ["keyframe 2", "strictly ascending"]),
+    ("keys(0:7, 1.5:3)", 10, ["keys argument 'p of keyframe 2'", "[0, 1]"]),
+    ("keys(0:7, 1:-3)", 12, ["keys argument 'w of keyframe 2'", ">= 0"]),
+    ("keys(0.5)", 5, ["keyframe p:w"]),
+    ("keys()", 5, ["at least one keyframe"]),
+    ("keys(0: )", 8, ["keyframe's scale w"]),
+    ("0.5:3", 3, ["only allowed inside keys"]),
+    ("linear(0:1, 2)", 8, ["only allowed inside keys"]),
+    ("linear(cosine(1, 2), 2)", 7, ["linear argument 'a' must be a number", "schedule"]),
+    ("cycle()", 6, ["at least one per-step schedule"]),
+    ("cycle(7, chain_decay(7, 5, 1))", 9, ["cycle item 2", "chain-axis"]),
+    ("by_iter(redifine_chain)", 8, ["by_iter item 1", "chain-axis"]),
+    ("redifine(7.5, 1, 3, 4)", 20, ["preset redifine takes at most 3"]),
+    ("redifine(-2)", 9, ["redifine argument 'w_start'", ">= 0"]),
+    ("chain_decay(7, 5)", 16, ["chain_decay takes 3", "missing 'rate'"]),
+    ("-linear(7, 1)", 0, ["unexpected character '-'"]),
+]
+
+
+@pytest.mark.parametrize("spec, pos, parts", BAD_SPECS)
+def test_bad_specs_point_at_the_offending_character(spec, pos, parts):
+    with pytest.raises(ScheduleSyntaxError) as info:
+        parse_schedule(spec)
+    err = info.value
+    assert isinstance(err, ValueError)
+    assert err.position == pos
+    msg = str(err)
+    assert repr(spec) in msg  # quotes the spec
+    for part in parts:
+        assert part in msg, f"{part!r} not in {msg!r}"
+    lines = msg.splitlines()
+    # the spec is shown on its own line, the caret line underneath points at character `pos`
+    shown = [i for i, line in enumerate(lines) if line.strip() and line.rstrip().endswith("^")]
+    assert len(shown) == 1
+    caret_line, spec_line = lines[shown[0]], lines[shown[0] - 1]
+    indent = len(spec_line) - len(spec_line.lstrip(" ")) if spec.strip() else 4
+    assert caret_line.index("^") - indent == pos
+    if spec.strip():
+        assert spec_line[indent:] == spec.replace("\t", " ").replace("\n", " ")
+    # and it lists what is available
+    assert "available forms" in msg and "linear(a, b)" in msg and "redifine" in msg and "keys(" in msg
+
+
+def test_caret_stays_aligned_with_tabs_and_newlines():
+    spec = "linear(\t7,\n -1)"
+    with pytest.raises(ScheduleSyntaxError) as info:
+        parse_schedule(spec)
+    lines = str(info.value).splitlines()
+    spec_line, caret_line = lines[1], lines[2]
+    assert spec_line[caret_line.index("^")] == "-"
