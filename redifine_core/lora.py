@@ -14,4 +14,416 @@ CONTRACT (filled in by issue 2):
     def load_lora(path) -> LoraWeights                                          # either layout
     @contextmanager
     def lora_applied(pipeline: Pipeline, lora: LoraWeights | None, scale: float = 1.0)   # inject, yield, remove
+
+Layouts
+-------
+* ``kohya`` (what ComfyUI's stock LoraLoader, A1111/Forge and kohya tools read):
+  ``lora_unet_<diffusers module path, "." -> "_">.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` where
+  ``.alpha`` is the peft ``lora_alpha`` (the scale applied is alpha / rank, as in peft). Text encoder modules are
+  ``lora_te_text_model_encoder_layers_N_...`` (SDXL: ``lora_te1_`` for the first encoder, ``lora_te2_`` for the second).
+* ``diffusers``: ``unet.<path>.lora_A.weight`` / ``.lora_B.weight`` (``text_encoder.`` / ``text_encoder_2.`` for the
+  text encoders) plus the ``lora_adapter_metadata`` JSON that diffusers' ``load_lora_weights`` reads to rebuild the
+  ``LoraConfig`` (so alpha survives). Our own ``ss_*`` metadata is written in both layouts.
+
+Text-encoder keys in :class:`LoraWeights` always use the ``text_model.encoder...`` module path (the CLIP naming used
+by every LoRA tool); transformers >= 5.6 ``CLIPTextModel`` drops the ``text_model.`` level, which is resolved when the
+LoRA is injected.
 """
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+
+from .atomic import PathLike, save_safetensors
+
+LAYOUTS = ("kohya", "diffusers")
+
+# Names a user picks in TrainConfig.target, and the peft target-module suffixes they stand for.
+TARGET_GROUPS: dict[str, tuple[str, ...]] = {
+    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
+    "feedforward": ("ff.net.0.proj", "ff.net.2"),
+    "resnet": ("conv1", "conv2", "time_emb_proj"),
+}
+TEXT_ENCODER_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+ADAPTER_NAME = "default"
+TE_CANONICAL_PREFIX = "text_model."
+_TE_FIELDS = ("text_encoder", "text_encoder_2")
+
+
+@dataclass
+class LoraWeights:
+    """A LoRA in peft layout (CPU tensors), with one rank and one alpha for every module."""
+
+    unet: dict[str, torch.Tensor]
+    text_encoder: dict[str, torch.Tensor] = field(default_factory=dict)
+    rank: int = 4
+    alpha: float = 4.0
+    target_modules: tuple[str, ...] = TARGET_GROUPS["attention"]
+    metadata: dict[str, str] = field(default_factory=dict)
+    text_encoder_2: dict[str, torch.Tensor] = field(default_factory=dict)  # SDXL's second text encoder
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoraWeights.rank must be an integer >= 1, got {self.rank!r}")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"LoraWeights.alpha must be a finite number > 0, got {self.alpha!r}")
+        self.alpha = float(self.alpha)
+        self.target_modules = tuple(self.target_modules)
+        self.metadata = {str(k): str(v) for k, v in self.metadata.items()}
+        for name in ("unet",) + _TE_FIELDS:
+            sd = getattr(self, name)
+            for key in sd:
+                if not (key.endswith(".lora_A.weight") or key.endswith(".lora_B.weight")):
+                    raise ValueError(
+                        f"LoraWeights.{name} key {key!r} is not in peft layout "
+                        "('<module path>.lora_A.weight' or '<module path>.lora_B.weight')"
+                    )
+
+    @property
+    def scale(self) -> float:
+        """The factor peft applies to B @ A: alpha / rank."""
+        return self.alpha / self.rank
+
+    def modules(self, part: str = "unet") -> list[str]:
+        """Sorted module paths that carry a LoRA in ``part`` ("unet", "text_encoder", "text_encoder_2")."""
+        return sorted({k.rsplit(".lora_", 1)[0] for k in getattr(self, part)})
+
+    def num_modules(self) -> int:
+        return sum(len(self.modules(p)) for p in ("unet",) + _TE_FIELDS)
+
+
+# ----------------------------------------------------------------------------------------------------------- names
+
+# Compound names in diffusers / CLIP module paths that contain "_" (kohya names replace every "." by "_").
+_COMPOUND = (
+    "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
+    "proj_in", "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "conv_norm_out",
+    "time_embedding", "linear_1", "linear_2", "add_embedding", "text_model", "self_attn", "q_proj", "k_proj",
+    "v_proj", "out_proj", "layer_norm1", "layer_norm2", "final_layer_norm", "token_embedding",
+    "position_embedding", "text_projection", "add_k_proj", "add_v_proj", "add_q_proj", "to_add_out",
+)
+
+
+def _kohya_to_path(name: str) -> str:
+    """Invert the kohya "." -> "_" flattening for diffusers UNet / CLIP module paths."""
+    path = name.replace("_", ".")
+    for comp in sorted(_COMPOUND, key=len, reverse=True):
+        path = re.sub(r"(?<![A-Za-z0-9_])" + re.escape(comp.replace("_", ".")) + r"(?![A-Za-z])", comp, path)
+    return path
+
+
+def _kohya_prefixes(lora: LoraWeights) -> dict[str, str]:
+    if lora.text_encoder_2:
+        return {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    return {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+
+
+def _infer_targets(paths: Sequence[str]) -> tuple[str, ...]:
+    known = [t for g in TARGET_GROUPS.values() for t in g] + list(TEXT_ENCODER_TARGETS)
+    out: list[str] = []
+    for p in paths:
+        hit = next((t for t in known if p == t or p.endswith("." + t)), p.rsplit(".", 1)[-1])
+        if hit not in out:
+            out.append(hit)
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------------------------------- save / load
+
+
+def _metadata_strings(lora: LoraWeights) -> dict[str, str]:
+    md = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(lora.rank),
+        "ss_network_alpha": _fmt_float(lora.alpha),
+        "redifine_target_modules": json.dumps(list(lora.target_modules)),
+    }
+    md.update({str(k): str(v) for k, v in lora.metadata.items()})
+    return md
+
+
+def _fmt_float(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+def save_lora(lora: LoraWeights, path: PathLike, layout: str = "kohya") -> Path:
+    """Write ``lora`` to ``path`` (.safetensors) atomically in ``layout`` ("kohya" or "diffusers"); return the path."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"path must end in .safetensors (weights are only written as safetensors), got {str(path)!r}")
+    tensors: dict[str, torch.Tensor] = {}
+    metadata = _metadata_strings(lora)
+    if layout == "kohya":
+        prefixes = _kohya_prefixes(lora)
+        for part in ("unet",) + _TE_FIELDS:
+            sd = getattr(lora, part)
+            for module in lora.modules(part):
+                name = prefixes[part] + module.replace(".", "_")
+                tensors[f"{name}.lora_down.weight"] = sd[f"{module}.lora_A.weight"]
+                tensors[f"{name}.lora_up.weight"] = sd[f"{module}.lora_B.weight"]
+                tensors[f"{name}.alpha"] = torch.tensor(lora.alpha, dtype=torch.float32)
+    else:
+        adapter_md: dict[str, Any] = {}
+        for part in ("unet",) + _TE_FIELDS:
+            sd = getattr(lora, part)
+            if not sd:
+                continue
+            tensors.update({f"{part}.{k}": v for k, v in sd.items()})
+            cfg = {
+                "r": lora.rank,
+                "lora_alpha": lora.alpha,
+                "target_modules": lora.modules(part),
+                "lora_dropout": 0.0,
+                "bias": "none",
+            }
+            adapter_md.update({f"{part}.{k}": v for k, v in cfg.items()})
+        metadata["lora_adapter_metadata"] = json.dumps(adapter_md, sort_keys=True)
+        metadata["format"] = "pt"
+    save_safetensors(path, tensors, metadata)
+    return path
+
+
+def _uniform_alpha(alphas: dict[str, float], sd_by_module: dict[str, dict[str, torch.Tensor]]) -> tuple[float, int]:
+    """Pick one alpha and rank; fold any per-module difference of alpha/rank into that module's B."""
+    ranks = {m: t["A"].shape[0] for m, t in sd_by_module.items()}
+    rank_values = sorted(set(ranks.values()))
+    if len(rank_values) > 1:
+        raise ValueError(f"LoRA modules have different ranks {rank_values}; only a single rank is supported")
+    rank = rank_values[0]
+    common = max(set(alphas.values()), key=list(alphas.values()).count) if alphas else float(rank)
+    for m, t in sd_by_module.items():
+        a = alphas.get(m, common)
+        if a != common:
+            t["B"] = t["B"] * (a / common)
+    return float(common), int(rank)
+
+
+def load_lora(path: PathLike) -> LoraWeights:
+    """Read a LoRA written in kohya or diffusers/peft layout back to :class:`LoraWeights`."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"LoRA file not found: {str(path)!r}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+            raw = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # safetensors raises its own error types
+        raise ValueError(f"cannot read LoRA file {str(path)!r} as safetensors: {exc}") from exc
+    if not raw:
+        raise ValueError(f"LoRA file {str(path)!r} holds no tensors")
+
+    parts: dict[str, dict[str, dict[str, torch.Tensor]]] = {p: {} for p in ("unet",) + _TE_FIELDS}
+    alphas: dict[str, dict[str, float]] = {p: {} for p in parts}
+    unknown: list[str] = []
+    if any(k.startswith("lora_") for k in raw):
+        kohya_parts = (("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
+                       ("lora_te_", "text_encoder"))
+        for key, t in raw.items():
+            name, _, suffix = key.partition(".")
+            part = next(((p, n) for p, n in kohya_parts if name.startswith(p)), None)
+            if part is None or suffix not in ("lora_down.weight", "lora_up.weight", "alpha"):
+                unknown.append(key)
+                continue
+            module = _kohya_to_path(name[len(part[0]):])
+            if suffix == "alpha":
+                alphas[part[1]][module] = float(t.float().item())
+            else:
+                parts[part[1]].setdefault(module, {})["A" if suffix == "lora_down.weight" else "B"] = t
+        file_alpha = None
+    else:
+        adapter_md = json.loads(metadata.get("lora_adapter_metadata", "{}") or "{}")
+        for key, t in raw.items():
+            prefix, _, rest = key.partition(".")
+            if prefix not in parts:
+                prefix, rest = "unet", key  # bare peft keys: a UNet LoRA
+            m = re.fullmatch(r"(.+?)\.(lora_A|lora_B|lora\.down|lora\.up)(?:\.default)?\.weight", rest)
+            if m is None:
+                unknown.append(key)
+                continue
+            kind = "A" if m.group(2) in ("lora_A", "lora.down") else "B"
+            parts[prefix].setdefault(m.group(1), {})[kind] = t
+        file_alpha = None
+        for prefix in parts:
+            if f"{prefix}.lora_alpha" in adapter_md:
+                a = float(adapter_md[f"{prefix}.lora_alpha"])
+                alphas[prefix] = {m: a for m in parts[prefix]}
+        if not any(alphas.values()) and "ss_network_alpha" in metadata:
+            file_alpha = float(metadata["ss_network_alpha"])
+    if unknown:
+        raise ValueError(
+            f"LoRA file {str(path)!r} has {len(unknown)} keys in no known layout (kohya lora_down/lora_up/alpha or "
+            f"peft lora_A/lora_B), e.g. {unknown[:3]}"
+        )
+    for part, mods in parts.items():
+        for m, t in mods.items():
+            if set(t) != {"A", "B"}:
+                raise ValueError(f"LoRA file {str(path)!r}: module {part}.{m} lacks its {'B' if 'A' in t else 'A'} matrix")
+
+    all_mods = {f"{p}:{m}": t for p, mods in parts.items() for m, t in mods.items()}
+    all_alphas = {f"{p}:{m}": a for p, al in alphas.items() for m, a in al.items()}
+    if not all_alphas:
+        # no alpha anywhere: kohya/ComfyUI convention is factor 1 (alpha = rank); ss_network_alpha if given
+        rank0 = next(iter(all_mods.values()))["A"].shape[0]
+        a0 = file_alpha if file_alpha is not None else float(rank0)
+        all_alphas = {k: a0 for k in all_mods}
+    else:
+        # a module without its own alpha in a kohya file is applied at factor 1 by ComfyUI: alpha = its rank
+        for k, t in all_mods.items():
+            all_alphas.setdefault(k, float(t["A"].shape[0]))
+    alpha, rank = _uniform_alpha(all_alphas, all_mods)
+
+    out: dict[str, dict[str, torch.Tensor]] = {p: {} for p in parts}
+    for k, t in all_mods.items():
+        p, m = k.split(":", 1)
+        if p != "unet" and not m.startswith(TE_CANONICAL_PREFIX):
+            m = TE_CANONICAL_PREFIX + m
+        out[p][f"{m}.lora_A.weight"] = t["A"].contiguous()
+        out[p][f"{m}.lora_B.weight"] = t["B"].contiguous()
+    md = {k: v for k, v in metadata.items() if k not in ("lora_adapter_metadata", "format")}
+    if "redifine_target_modules" in md:
+        try:
+            targets = tuple(json.loads(md["redifine_target_modules"]))
+        except ValueError:
+            targets = ()
+    else:
+        targets = ()
+    if not targets:
+        targets = _infer_targets([k.rsplit(".lora_", 1)[0] for p in out for k in out[p]])
+    md.pop("redifine_target_modules", None)
+    return LoraWeights(
+        unet=out["unet"], text_encoder=out["text_encoder"], text_encoder_2=out["text_encoder_2"],
+        rank=rank, alpha=alpha, target_modules=targets, metadata=md,
+    )
+
+
+# ------------------------------------------------------------------------------------------------- inject / remove
+
+
+def te_module_prefix(text_encoder: torch.nn.Module) -> str:
+    """"" when the model's modules already start at ``text_model.`` (or has no such level), for canonical keys."""
+    return TE_CANONICAL_PREFIX if not hasattr(text_encoder, "text_model") else ""
+
+
+def te_to_canonical(key: str, text_encoder: torch.nn.Module) -> str:
+    """Model-native text-encoder key -> canonical ``text_model.``-prefixed key."""
+    return te_module_prefix(text_encoder) + key
+
+
+def te_from_canonical(key: str, text_encoder: torch.nn.Module) -> str:
+    """Canonical ``text_model.``-prefixed key -> the model's own module path."""
+    prefix = te_module_prefix(text_encoder)
+    if prefix and key.startswith(prefix):
+        return key[len(prefix):]
+    return key
+
+
+def add_lora_adapter(model: torch.nn.Module, rank: int, alpha: float, target_modules: Sequence[str],
+                     init_lora_weights: Union[bool, str] = "gaussian") -> None:
+    """Inject a peft LoRA adapter named "default" into ``model`` (the UNet through ``add_adapter``)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init_lora_weights,
+                        target_modules=list(target_modules))
+    from diffusers import ModelMixin
+
+    if isinstance(model, ModelMixin):  # the diffusers UNet: its own add_adapter (sets peft bookkeeping)
+        model.add_adapter(config)
+    else:
+        inject_adapter_in_model(config, model, ADAPTER_NAME)
+
+
+def remove_lora_adapters(model: torch.nn.Module) -> None:
+    """Replace every peft tuner layer in ``model`` by its original base layer and drop peft bookkeeping."""
+    from diffusers.utils import recurse_remove_peft_layers
+
+    recurse_remove_peft_layers(model)
+    for attr in ("peft_config",):
+        if attr in vars(model):
+            delattr(model, attr)
+    if "_hf_peft_config_loaded" in vars(model):
+        model._hf_peft_config_loaded = False
+
+
+def has_lora_layers(model: torch.nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def set_lora_state(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:
+    """Load peft-layout tensors into the injected adapter; every key must land."""
+    from peft import set_peft_model_state_dict
+
+    ref = next(p for p in model.parameters())
+    sd = {k: v.to(device=ref.device) for k, v in sd.items()}
+    result = set_peft_model_state_dict(model, sd, adapter_name=ADAPTER_NAME)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) or [] if "lora_" in k]
+    if unexpected:
+        raise ValueError(f"{len(unexpected)} LoRA keys of the {what} match no module of this model, e.g. {unexpected[:3]}")
+
+
+def _set_scale(model: torch.nn.Module, scale: float) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if scale == 1.0:
+        return
+    for m in model.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.scale_layer(scale)
+
+
+def _text_encoders(pipeline: Any) -> dict[str, Any]:
+    return {"text_encoder": getattr(pipeline, "text_encoder", None),
+            "text_encoder_2": getattr(pipeline, "text_encoder_2", None)}
+
+
+@contextmanager
+def lora_applied(pipeline: Any, lora: Optional[LoraWeights], scale: float = 1.0) -> Iterator[Any]:
+    """Inject ``lora`` into the pipeline's UNet (and text encoders) at ``scale``, yield the pipeline, then remove it.
+
+    The pipeline's modules are exactly as before afterwards (same module objects, no peft layers), also on error.
+    ``lora=None`` or ``scale == 0`` yields the pipeline unchanged.
+    """
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if lora is None or scale == 0:
+        yield pipeline
+        return
+    encoders = _text_encoders(pipeline)
+    for part in _TE_FIELDS:
+        if getattr(lora, part) and encoders[part] is None:
+            raise ValueError(f"the LoRA has {part} weights but the pipeline has no {part}")
+    touched: list[torch.nn.Module] = []
+    try:
+        targets = [(pipeline.unet, lora.unet, "unet", lambda k: k)]
+        for part in _TE_FIELDS:
+            te = encoders[part]
+            if getattr(lora, part):
+                targets.append((te, getattr(lora, part), part, lambda k, te=te: te_from_canonical(k, te)))
+        for model, sd, what, rename in targets:
+            if not sd:
+                continue
+            sd = {rename(k): v for k, v in sd.items()}
+            modules = sorted({k.rsplit(".lora_", 1)[0] for k in sd})
+            ref = next(model.parameters())
+            touched.append(model)
+            add_lora_adapter(model, lora.rank, lora.alpha, modules, init_lora_weights=False)
+            set_lora_state(model, {k: v.to(ref.dtype) for k, v in sd.items()}, what)
+            _set_scale(model, float(scale))
+        yield pipeline
+    finally:
+        for model in touched:
+            remove_lora_adapters(model)
