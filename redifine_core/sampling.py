@@ -12,4 +12,387 @@ CONTRACT (filled in by issue 2):
                  cancel: CancelFlag | None = None) -> torch.Tensor
         # returns float32 CPU tensor [N, H, W, 3] in [0, 1] (the ComfyUI IMAGE layout, = diffusers output_type="np").
         # seeds: an int s means seeds s, s+1, ..., s+N-1; image i depends only on (model, prompt i, seed i).
+
+Also public: ``encode_prompts(pipeline, prompts) -> (prompt_embeds, pooled_or_None)``,
+``decode_latents(pipeline, latents) -> [N, H, W, 3]``, ``make_scheduler(pipeline, sampler)``,
+``size_multiple(pipeline)``, ``guidance_values(schedule, n, iteration)``.
+
+The loop follows diffusers' ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` step for step, so at a constant
+guidance scale it reproduces them (same seeds, same scheduler) to float rounding. What it adds: the guidance scale is
+looked up per model evaluation from a schedule, and on evaluations where it is exactly 1 the unconditional half of the
+batch is not computed at all. The schedule is evaluated at ``len(scheduler.timesteps)`` points (``steps`` for most
+samplers; ``steps + 1`` for "pndm", whose PLMS warm-up evaluates the model once more).
 """
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+from .models import Pipeline
+from .progress import CancelFlag, ProgressCallback, ProgressEvent, check_cancel, report
+
+# name -> (diffusers scheduler class, settings that define the sampler)
+_SAMPLER_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2)),
+    "dpmpp_2m_karras": (
+        "DPMSolverMultistepScheduler",
+        dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True),
+    ),
+    "pndm": ("PNDMScheduler", dict(skip_prk_steps=True)),
+}
+SAMPLERS: tuple[str, ...] = ("default",) + tuple(_SAMPLER_CLASSES)  # "default" = the pipeline's own scheduler class
+
+ScheduleLike = Union[str, float, int, Any]
+
+
+# --------------------------------------------------------------------------------------------- validation helpers
+
+
+def size_multiple(pipeline: Pipeline) -> int:
+    """Width and height must be multiples of this: the VAE factor times the UNet's down-sampling factor."""
+    return pipeline.vae_scale_factor * pipeline.unet_scale_factor
+
+
+def _as_list(value: Union[str, Sequence[str]], name: str) -> list[str]:
+    items = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+    if items is None or not all(isinstance(p, str) for p in items):
+        raise ValueError(f"{name} must be a string or a list of strings, got {value!r}")
+    return items
+
+
+def _seed_list(seeds: Union[int, Sequence[int]], n: int) -> list[int]:
+    if isinstance(seeds, bool):
+        raise ValueError(f"seeds={seeds!r} must be an int or a list of ints")
+    if isinstance(seeds, int):
+        out = [seeds + i for i in range(n)]
+    elif isinstance(seeds, (list, tuple)) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        out = list(seeds)
+        if len(out) != n:
+            raise ValueError(f"seeds has {len(out)} entries but there are {n} prompts; give one seed per prompt")
+    else:
+        raise ValueError(f"seeds={seeds!r} must be an int or a list of ints")
+    for s in out:
+        if not 0 <= s < 2**63:
+            raise ValueError(f"seed {s} is out of range; allowed 0 <= seed < 2**63")
+    return out
+
+
+def _check_size(pipeline: Pipeline, width: Optional[int], height: Optional[int]) -> tuple[int, int]:
+    multiple = size_multiple(pipeline)
+    out = []
+    for name, value in (("width", width), ("height", height)):
+        value = pipeline.default_size if value is None else value
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % multiple:
+            raise ValueError(
+                f"{name}={value!r} must be a positive multiple of {multiple} for this model "
+                f"(VAE factor {pipeline.vae_scale_factor} x UNet down-sampling {pipeline.unet_scale_factor})"
+            )
+        out.append(value)
+    return out[0], out[1]
+
+
+def guidance_values(schedule: ScheduleLike, n: int, iteration: int = 0) -> list[float]:
+    """The guidance scale at each of ``n`` model evaluations, at chain iteration ``iteration``.
+
+    ``schedule`` is a number (constant w), a schedule spec string (parsed by ``guidance.parse_schedule``), or an
+    object with ``at_iteration(i)`` and ``values(n)`` (a ``guidance.Schedule``).
+    """
+    if isinstance(schedule, bool):
+        raise ValueError(f"schedule={schedule!r} must be a number, a schedule string or a Schedule")
+    if isinstance(schedule, str):
+        try:
+            schedule = float(schedule)
+        except ValueError:
+            pass
+    if isinstance(schedule, (int, float)):
+        values = [float(schedule)] * n
+    else:
+        if not (hasattr(schedule, "at_iteration") and hasattr(schedule, "values")):
+            from .guidance import parse_schedule
+
+            schedule = parse_schedule(schedule)
+        values = [float(v) for v in schedule.at_iteration(iteration).values(n)]
+    if len(values) != n or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"schedule {schedule!r} gave {values!r}; expected {n} finite guidance scales")
+    return values
+
+
+# -------------------------------------------------------------------------------------------------------- sampler
+
+
+def make_scheduler(pipeline: Pipeline, sampler: str) -> Any:
+    """A fresh scheduler of kind ``sampler`` with the pipeline's noise schedule, spacing and prediction type.
+
+    Keys are copied from the pipeline's scheduler config and ``timestep_spacing`` / ``prediction_type`` are always
+    set explicitly (a ``from_config`` across classes would otherwise silently fall back to the new class's defaults).
+    """
+    import diffusers
+
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r} is not one of {SAMPLERS}")
+    base = pipeline.scheduler
+    config = {k: v for k, v in dict(base.config).items() if not k.startswith("_")}
+    if sampler == "default":
+        cls, settings = type(base), {}
+    else:
+        class_name, settings = _SAMPLER_CLASSES[sampler]
+        cls = getattr(diffusers, class_name)
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    kwargs = {k: v for k, v in config.items() if k in accepted}
+    kwargs.update(
+        timestep_spacing=config.get("timestep_spacing", "leading"),
+        prediction_type=config.get("prediction_type", "epsilon"),
+    )
+    if "clip_sample" in accepted and "clip_sample" not in config:
+        kwargs["clip_sample"] = False  # latents are not in [-1, 1]; DDIM/DDPM would clip them by default
+    kwargs.update(settings)
+    return cls.from_config({k: v for k, v in kwargs.items() if k in accepted})
+
+
+# ------------------------------------------------------------------------------------------------- text encoding
+
+
+def _encoder_hidden_states(text_encoder: Any, tokenizer: Any, prompts: list[str], device: torch.device,
+                           penultimate: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Token embeddings of one CLIP encoder (last or penultimate layer) and its projected pooled output if any."""
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+    if penultimate:
+        out = text_encoder(ids, output_hidden_states=True)
+        pooled = out[0] if out[0].ndim == 2 else None
+        return out.hidden_states[-2], pooled
+    mask = None
+    if getattr(text_encoder.config, "use_attention_mask", False):
+        mask = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").attention_mask.to(device)
+    return text_encoder(ids, attention_mask=mask)[0], None
+
+
+def encode_prompts(pipeline: Pipeline, prompts: Union[str, Sequence[str]]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Encode prompts as the UNet's cross-attention input; returns ``(prompt_embeds, pooled_or_None)``.
+
+    SD1.x/SD2.x/toy: ``prompt_embeds`` [N, L, D] is the text encoder's last hidden state and the second item is None.
+    SDXL: ``prompt_embeds`` [N, 77, 768 + 1280] concatenates both encoders' penultimate hidden states and the second
+    item is text_encoder_2's pooled, projected embedding [N, 1280] (the UNet's ``text_embeds``). Both are on
+    ``pipeline.device`` in ``pipeline.dtype``; the text is encoded literally ("" is encoded, never zeroed).
+    """
+    prompts = _as_list(prompts, "prompts")
+    device, dtype = pipeline.device, pipeline.dtype
+    with torch.no_grad():
+        if not pipeline.is_sdxl:
+            embeds, _ = _encoder_hidden_states(pipeline.text_encoder, pipeline.tokenizer, prompts, device, False)
+            return embeds.to(device=device, dtype=dtype), None
+        first, _ = _encoder_hidden_states(pipeline.text_encoder, pipeline.tokenizer, prompts, device, True)
+        second, pooled = _encoder_hidden_states(pipeline.text_encoder_2, pipeline.tokenizer_2, prompts, device, True)
+        embeds = torch.concat([first, second], dim=-1)
+        return embeds.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype)
+
+
+@dataclass
+class _Conditioning:
+    """What the UNet is conditioned on for a batch: cross-attention states and, for SDXL, the added embeddings."""
+
+    embeds: torch.Tensor
+    text_embeds: Optional[torch.Tensor] = None  # SDXL pooled embedding
+    time_ids: Optional[torch.Tensor] = None  # SDXL (original size, crop, target size)
+
+    def unet_kwargs(self) -> dict[str, Any]:
+        added = None if self.text_embeds is None else {"text_embeds": self.text_embeds, "time_ids": self.time_ids}
+        return dict(encoder_hidden_states=self.embeds, added_cond_kwargs=added)
+
+    @staticmethod
+    def cat(first: "_Conditioning", second: "_Conditioning") -> "_Conditioning":
+        join = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
+        return _Conditioning(join(first.embeds, second.embeds), join(first.text_embeds, second.text_embeds),
+                             join(first.time_ids, second.time_ids))
+
+
+def _encode_unique(pipeline: Pipeline, texts: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """encode_prompts on the distinct texts only, expanded back to one row per text."""
+    unique = list(dict.fromkeys(texts))
+    embeds, pooled = encode_prompts(pipeline, unique)
+    index = torch.tensor([unique.index(t) for t in texts], device=embeds.device)
+    return embeds[index], (None if pooled is None else pooled[index])
+
+
+def _conditioning(pipeline: Pipeline, texts: list[str], width: int, height: int, zero_empty: bool) -> _Conditioning:
+    """Encode ``texts``; with ``zero_empty`` (SDXL's force_zeros_for_empty_prompt) rows for "" become zeros."""
+    embeds, pooled = _encode_unique(pipeline, texts)
+    if zero_empty:
+        keep = torch.tensor([t != "" for t in texts], device=embeds.device, dtype=embeds.dtype)
+        embeds = embeds * keep[:, None, None]
+        pooled = pooled * keep[:, None] if pooled is not None else None
+    if not pipeline.is_sdxl:
+        return _Conditioning(embeds)
+    time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=embeds.dtype, device=embeds.device)
+    return _Conditioning(embeds, pooled, time_ids.repeat(len(texts), 1))
+
+
+# ------------------------------------------------------------------------------------------------- denoising loop
+
+
+def _initial_latents(pipeline: Pipeline, scheduler: Any, generators: list[torch.Generator], width: int,
+                     height: int) -> torch.Tensor:
+    """One CPU-generated noise sample per image from its own generator, scaled by the scheduler's initial sigma."""
+    shape = (1, pipeline.unet.config.in_channels, height // pipeline.vae_scale_factor,
+             width // pipeline.vae_scale_factor)
+    noise = [torch.randn(shape, generator=g, device="cpu", dtype=pipeline.dtype) for g in generators]
+    return torch.cat(noise).to(pipeline.device) * scheduler.init_noise_sigma
+
+
+def _predict_noise(pipeline: Pipeline, scheduler: Any, latents: torch.Tensor, t: torch.Tensor, w: float,
+                   cond: _Conditioning, both: Optional[_Conditioning]) -> torch.Tensor:
+    """Guided noise prediction: one UNet forward on [uncond, cond], or on cond alone where w == 1."""
+    if w == 1.0:
+        model_input = scheduler.scale_model_input(latents, t)
+        return pipeline.unet(model_input, t, **cond.unet_kwargs(), return_dict=False)[0]
+    model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+    noise_uncond, noise_cond = pipeline.unet(model_input, t, **both.unet_kwargs(), return_dict=False)[0].chunk(2)
+    return noise_uncond + w * (noise_cond - noise_uncond)
+
+
+def _step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str, Any]:
+    """The per-image generators for schedulers that draw noise (ancestral, DDPM), eta=0 for DDIM."""
+    params = set(inspect.signature(scheduler.step).parameters)
+    kwargs: dict[str, Any] = {}
+    if "eta" in params:
+        kwargs["eta"] = 0.0
+    if "generator" in params:
+        kwargs["generator"] = generators
+    return kwargs
+
+
+def _denoise(pipeline: Pipeline, scheduler: Any, latents: torch.Tensor, scales: list[float], cond: _Conditioning,
+             both: Optional[_Conditioning], generators: list[torch.Generator], cancel: Optional[CancelFlag],
+             on_step: Any) -> torch.Tensor:
+    """Run the scheduler's timesteps over ``latents``: check ``cancel``, guided prediction, step, ``on_step(i)``."""
+    step_kwargs = _step_kwargs(scheduler, generators)
+    for i, t in enumerate(scheduler.timesteps):
+        check_cancel(cancel)
+        noise = _predict_noise(pipeline, scheduler, latents, t, scales[i], cond, both)
+        latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+        on_step(i)
+    return latents
+
+
+def decode_latents(pipeline: Pipeline, latents: torch.Tensor) -> torch.Tensor:
+    """VAE-decode latents to a float32 CPU tensor [N, H, W, 3] in [0, 1]."""
+    vae = pipeline.vae
+    latents = latents.to(device=vae.device, dtype=vae.dtype)
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
+        latents = latents * std / vae.config.scaling_factor + mean
+    else:
+        latents = latents / vae.config.scaling_factor
+    with torch.no_grad():
+        image = vae.decode(latents, return_dict=False)[0]
+    image = (image * 0.5 + 0.5).clamp(0, 1)
+    return image.cpu().permute(0, 2, 3, 1).float()
+
+
+# ---------------------------------------------------------------------------------------------------------- entry
+
+
+@torch.no_grad()
+def generate(
+    pipeline: Pipeline,
+    prompts: Union[str, Sequence[str]],
+    schedule: ScheduleLike = 7.5,
+    steps: int = 20,
+    seeds: Union[int, Sequence[int]] = 0,
+    *,
+    negative_prompt: Union[str, Sequence[str]] = "",
+    sampler: str = "ddim",
+    width: Optional[int] = None,
+    height: Optional[int] = None,
+    batch_size: int = 8,
+    lora: Any = None,
+    lora_scale: float = 1.0,
+    iteration: int = 0,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelFlag] = None,
+) -> torch.Tensor:
+    """Text-to-image with a per-step guidance schedule; float32 CPU [N, H, W, 3] in [0, 1].
+
+    Image i uses ``torch.Generator("cpu").manual_seed(seed_i)`` for its initial noise and any sampler noise, so it
+    does not depend on ``batch_size`` or on the other prompts. ``negative_prompt`` is one string for all prompts or
+    one per prompt. ``lora`` (a ``lora.LoraWeights``) is applied at ``lora_scale`` for the call and removed after.
+    One ``ProgressEvent(phase="sample")`` is sent per model evaluation; ``cancel`` is checked before each.
+    """
+    prompt_list = _as_list(prompts, "prompts")
+    n = len(prompt_list)
+    if n == 0:
+        raise ValueError("prompts is empty; give at least one prompt")
+    negatives = _as_list(negative_prompt, "negative_prompt")
+    if isinstance(negative_prompt, str):
+        negatives = negatives * n
+    elif len(negatives) != n:
+        raise ValueError(f"negative_prompt has {len(negatives)} entries but there are {n} prompts")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r} must be an int >= 1")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
+    if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+        raise ValueError(f"iteration={iteration!r} must be an int >= 0")
+    if not isinstance(lora_scale, (int, float)) or not math.isfinite(lora_scale):
+        raise ValueError(f"lora_scale={lora_scale!r} must be a finite number")
+    seed_list = _seed_list(seeds, n)
+    width, height = _check_size(pipeline, width, height)
+    probe = make_scheduler(pipeline, sampler)  # validates the sampler name
+    probe.set_timesteps(steps)
+    scales = guidance_values(schedule, len(probe.timesteps), iteration)
+
+    if lora is not None:
+        from .lora import lora_applied
+
+        lora_context = lora_applied(pipeline, lora, lora_scale)
+    else:
+        lora_context = nullcontext()
+
+    chunks = [list(range(s, min(n, s + batch_size))) for s in range(0, n, batch_size)]
+    total = len(probe.timesteps) * len(chunks)
+    done, started = 0, time.monotonic()
+    zero_empty = pipeline.force_zeros_for_empty_prompt
+    images = []
+    with lora_context:
+        for chunk in chunks:
+            scheduler = make_scheduler(pipeline, sampler)
+            scheduler.set_timesteps(steps, device=pipeline.device)
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(0)
+            cond = _conditioning(pipeline, [prompt_list[i] for i in chunk], width, height, zero_empty=False)
+            both = None
+            if any(w != 1.0 for w in scales):
+                uncond = _conditioning(pipeline, [negatives[i] for i in chunk], width, height, zero_empty)
+                both = _Conditioning.cat(uncond, cond)
+            generators = [torch.Generator("cpu").manual_seed(seed_list[i]) for i in chunk]
+            latents = _initial_latents(pipeline, scheduler, generators, width, height)
+
+            def on_step(i: int, chunk: list[int] = chunk) -> None:
+                nonlocal done
+                done += 1
+                elapsed = time.monotonic() - started
+                eta = elapsed / done * (total - done)
+                report(progress, ProgressEvent(
+                    phase="sample", step=done, total=total, eta_s=eta,
+                    message=f"images {chunk[0] + 1}-{chunk[-1] + 1} of {n}, step {i + 1}/{len(scales)}",
+                    extra={"guidance_scale": scales[i]},
+                ))
+
+            latents = _denoise(pipeline, scheduler, latents, scales, cond, both, generators, cancel, on_step)
+            images.append(decode_latents(pipeline, latents))
+    return torch.cat(images)
