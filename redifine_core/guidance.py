@@ -52,7 +52,7 @@ Why: the paper's reviewers describe ReDiFine's schedule as "decayed CFG scaling 
 and decay rates", and report method CFG values of 5 to 10. We read that as an exponential decay over the denoising
 steps that starts at a usual high scale (7.5, the middle of 5-10) and approaches 1 (guidance off), the regime where
 late steps no longer add over-guidance artefacts. Rate 3 leaves e^-3 = 5% of the excess guidance at the last step
-(w = 1.33) and makes the mean scale over the steps about 3. One reviewer instead says the scale is adjusted
+(w = 1.32) and makes the mean scale over the steps about 3.1. One reviewer instead says the scale is adjusted
 "along the chain": ``redifine_chain`` is that reading, a constant scale per generation decaying from 7.5 towards
 5 (the bottom of the reported range) by a factor e^-0.5 = 0.61 of the excess per iteration.
 
