@@ -4,4 +4,685 @@ CONTRACT (filled in by issue 3):
 
     def render_report(run_dir) -> Path     # writes metrics.csv, curves.png, grid_<method>.png, report.html; returns report.html
     def plot_schedule(schedules: Sequence[str], steps: int, path=None) -> PIL.Image.Image
+
+Also ``plot_losses(losses, path=None)`` (the training-loss curve shown by the ComfyUI train node) and
+``image_grid(images, rows, labels=None)``. The run folder is read directly per the schema in chain.py's docstring
+(this module does not import chain.py). Figures are drawn with matplotlib's Agg canvas (no pyplot, no GUI), and
+every file is written atomically.
 """
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+import re
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from . import atomic
+from .metrics import FEATURES_HANDCRAFTED, VERDICTS
+
+PathLike = Union[str, Path]
+
+METRIC_ORDER = (
+    "fid_ref", "kid_ref", "fid_prev", "kid_prev", "clip_score",
+    "hf_share", "spectral_slope", "laplacian_var", "saturation", "colourfulness", "clipped_fraction", "contrast",
+    "diversity", "mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b", "std_rgb",
+)
+"""Column order of metrics.csv (other metric names follow, sorted)."""
+
+CURVES = (
+    # (metric, title, draw the D0 value as a dashed line, log y axis)
+    ("fid_ref", "FID vs D0 (lower = closer to your images)", False, False),
+    ("kid_ref", "KID vs D0", False, False),
+    ("fid_prev", "FID vs previous set (change per step)", False, False),
+    ("clip_score", "CLIP score (text match)", False, False),
+    ("hf_share", "high-frequency share (blur ↓, artefacts ↑)", True, True),
+    ("spectral_slope", "spectral slope (blur ↓ steeper)", True, False),
+    ("laplacian_var", "Laplacian variance (sharpness)", True, True),
+    ("saturation", "mean saturation (over-guidance ↑)", True, False),
+    ("colourfulness", "colourfulness (over-guidance ↑)", True, False),
+    ("clipped_fraction", "clipped channel values (over-guidance ↑)", True, False),
+    ("diversity", "diversity (mode collapse ↓)", True, False),
+)
+"""The key metrics plotted in curves.png, in order; a metric no iteration has is left out."""
+
+VERDICT_COLOURS = {"stable": "#2e7d32", "drifting to blur": "#1565c0", "drifting to over-guidance": "#d84315"}
+GRID_ROWS = 4
+"""How many caption indices (rows) a grid_<method>.png shows at most, spread evenly over the dataset."""
+TILE = 128
+"""Grid tile size in pixels: larger images are downscaled (Lanczos), smaller ones upscaled by whole factors (nearest)."""
+PAD = 4
+HEADER = 24
+ROW_LABEL_W = 150
+ITER_RE = re.compile(r"^iter_(\d+)$")
+SEED_RE = re.compile(r"^seed_(-?\d+)$")
+
+
+# =================================================================================================================
+# reading a run folder
+# =================================================================================================================
+
+
+@dataclass
+class IterationRecord:
+    method: str
+    seed: int
+    iteration: int
+    folder: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    verdict: Optional[dict] = None
+    features: str = ""
+    done: bool = False
+
+
+@dataclass
+class RunData:
+    """What the report needs from a run folder."""
+
+    root: Path
+    run: dict
+    methods: list[str]
+    seeds: list[int]
+    iterations: Optional[int]
+    records: list[IterationRecord]
+    reference_metrics: dict[str, float]
+    problems: list[str]
+
+    @property
+    def status(self) -> str:
+        return str(self.run.get("status", "unknown"))
+
+    @property
+    def config(self) -> dict:
+        c = self.run.get("config")
+        return c if isinstance(c, dict) else {}
+
+    def record(self, method: str, seed: int, iteration: int) -> Optional[IterationRecord]:
+        for r in self.records:
+            if (r.method, r.seed, r.iteration) == (method, seed, iteration):
+                return r
+        return None
+
+    def max_iteration(self) -> int:
+        found = max((r.iteration + 1 for r in self.records), default=0)
+        return max(found, self.iterations or 0)
+
+
+def _read_json(path: Path, problems: list[str]) -> Optional[Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        problems.append(f"unreadable {path.name} in {path.parent}: {e}")
+        return None
+
+
+def read_run(run_dir: PathLike) -> RunData:
+    """Read run.json, reference metrics and every iteration's metrics.json of a run folder (schema_version 1)."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise ValueError(f"run_dir: {str(root)!r} is not a folder")
+    problems: list[str] = []
+    run = _read_json(root / "run.json", problems)
+    if not isinstance(run, dict):
+        raise ValueError(f"run_dir: {str(root)!r} has no readable run.json; is it a ReDiFine run folder?")
+    sv = run.get("schema_version", 1)
+    if sv != 1:
+        problems.append(f"run.json schema_version {sv!r}; this report reads version 1 and may miss fields")
+    config = run.get("config") if isinstance(run.get("config"), dict) else {}
+
+    methods: list[str] = []
+    for m in config.get("methods", []) or []:
+        name = m.get("name") if isinstance(m, dict) else None
+        if isinstance(name, str) and name not in methods:
+            methods.append(name)
+    on_disk = sorted(
+        p.name for p in root.iterdir()
+        if p.is_dir() and p.name != "reference" and any(SEED_RE.match(q.name) for q in p.iterdir() if q.is_dir())
+    )
+    methods += [m for m in on_disk if m not in methods]
+
+    seeds = [int(s) for s in (run.get("seeds") or config.get("seeds") or []) if isinstance(s, (int, float))]
+    iterations = config.get("iterations")
+    iterations = int(iterations) if isinstance(iterations, (int, float)) else None
+
+    records: list[IterationRecord] = []
+    for method in methods:
+        mdir = root / method
+        if not mdir.is_dir():
+            continue
+        for sdir in sorted(p for p in mdir.iterdir() if p.is_dir() and SEED_RE.match(p.name)):
+            seed = int(SEED_RE.match(sdir.name).group(1))
+            if seed not in seeds:
+                seeds.append(seed)
+            for idir in sorted(p for p in sdir.iterdir() if p.is_dir() and ITER_RE.match(p.name)):
+                it = int(ITER_RE.match(idir.name).group(1))
+                data = _read_json(idir / "metrics.json", problems)
+                if not isinstance(data, dict):
+                    continue
+                metrics = {
+                    k: float(v) for k, v in (data.get("metrics") or {}).items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)
+                }
+                v = data.get("verdict") if isinstance(data.get("verdict"), dict) else None
+                records.append(IterationRecord(
+                    method=method, seed=seed, iteration=it, folder=idir, metrics=metrics, verdict=v,
+                    features=str(data.get("features", metrics and run.get("features", "")) or ""),
+                    done=(idir / "DONE").exists(),
+                ))
+    ref = _read_json(root / "reference" / "metrics.json", problems)
+    ref_metrics = {}
+    if isinstance(ref, dict) and isinstance(ref.get("metrics"), dict):
+        ref_metrics = {k: float(v) for k, v in ref["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return RunData(root, run, methods, sorted(seeds), iterations, records, ref_metrics, problems)
+
+
+# =================================================================================================================
+# figures
+# =================================================================================================================
+
+
+def _figure(width_in: float, height_in: float, dpi: int = 100):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_in, height_in), dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _fig_to_image(fig) -> Image.Image:
+    fig.canvas.draw()
+    buf = np.asarray(fig.canvas.buffer_rgba())
+    return Image.fromarray(np.ascontiguousarray(buf[..., :3]))
+
+
+def _save(img: Image.Image, path: Optional[PathLike]) -> Image.Image:
+    if path is not None:
+        atomic.save_png(Path(path), img)
+    return img
+
+
+def _method_colour(i: int) -> str:
+    from matplotlib import colormaps
+
+    return colormaps["tab10"](i % 10)
+
+
+def plot_curves(data: RunData, path: Optional[PathLike] = None) -> Image.Image:
+    """A grid of small plots: each key metric vs iteration, one line per method (mean ± std over seeds)."""
+    present = [c for c in CURVES if any(c[0] in r.metrics for r in data.records)]
+    if not present:
+        fig = _figure(6, 2.5)
+        ax = fig.add_subplot(1, 1, 1)
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no finished iterations yet", ha="center", va="center", fontsize=14)
+        return _save(_fig_to_image(fig), path)
+    ncols = min(4, len(present))
+    nrows = math.ceil(len(present) / ncols)
+    fig = _figure(4.0 * ncols, 3.0 * nrows + 0.6)
+    handles = {}
+    for k, (metric, title, ref_line, logy) in enumerate(present):
+        ax = fig.add_subplot(nrows, ncols, k + 1)
+        values_all = []
+        for mi, method in enumerate(data.methods):
+            by_iter: dict[int, list[float]] = {}
+            for r in data.records:
+                if r.method == method and metric in r.metrics and math.isfinite(r.metrics[metric]):
+                    by_iter.setdefault(r.iteration, []).append(r.metrics[metric])
+            if not by_iter:
+                continue
+            its = sorted(by_iter)
+            mean = np.array([np.mean(by_iter[i]) for i in its])
+            std = np.array([np.std(by_iter[i], ddof=1) if len(by_iter[i]) > 1 else 0.0 for i in its])
+            values_all += list(mean - std) + list(mean + std)
+            colour = _method_colour(mi)
+            if any(len(by_iter[i]) > 1 for i in its):
+                h = ax.errorbar(its, mean, yerr=std, color=colour, marker="o", ms=4, capsize=3, lw=1.6, label=method)
+            else:
+                (h,) = ax.plot(its, mean, color=colour, marker="o", ms=4, lw=1.6, label=method)
+            handles.setdefault(method, h)
+        if ref_line and metric in data.reference_metrics:
+            rv = data.reference_metrics[metric]
+            ax.axhline(rv, color="0.35", ls="--", lw=1.2)
+            values_all.append(rv)
+            handles.setdefault("D0 (your images)", ax.lines[-1])
+        if logy and values_all and min(values_all) > 0:
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    seeds_note = f" (mean ± std over {len(data.seeds)} seeds)" if len(data.seeds) > 1 else ""
+    fig.legend(list(handles.values()), list(handles.keys()), loc="upper center", ncol=min(6, len(handles)),
+               fontsize=9, frameon=False, bbox_to_anchor=(0.5, 1.0))
+    fig.suptitle(f"metrics per iteration{seeds_note}", y=0.005, va="bottom", fontsize=9, color="0.3")
+    # a fixed layout: tight_layout costs seconds per render on a busy CPU and gains little on this regular grid
+    fh, fw = fig.get_figheight(), fig.get_figwidth()
+    fig.subplots_adjust(left=0.75 / fw, right=1 - 0.2 / fw, bottom=0.75 / fh, top=1 - 0.75 / fh, wspace=0.3, hspace=0.55)
+    return _save(_fig_to_image(fig), path)
+
+
+def plot_schedule(
+    schedules: Sequence[str], steps: int, path: Optional[PathLike] = None, iteration: int = 0
+) -> Image.Image:
+    """Per-step guidance scale w of one or more schedule specs over ``steps`` denoising steps (chain ``iteration``)."""
+    from .guidance import parse_schedule
+
+    if isinstance(schedules, (str, int, float)):
+        schedules = [schedules]
+    schedules = list(schedules)
+    if not schedules:
+        raise ValueError("schedules: give at least one schedule spec")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: {steps!r} must be an integer >= 1")
+    parsed = [parse_schedule(s) for s in schedules]  # raises ScheduleSyntaxError (a ValueError) on bad specs
+    fig = _figure(6.4, 3.6)
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.arange(steps)
+    for i, s in enumerate(parsed):
+        ys = s.values(steps, iteration)
+        label = s.spec if not s.is_chain_axis else f"{s.spec} @ iteration {iteration}"
+        ax.plot(x, ys, marker="o" if steps <= 40 else None, ms=3, lw=1.8, color=_method_colour(i), label=label)
+    ax.axhline(1.0, color="0.5", ls=":", lw=1, label="w = 1 (no guidance)")
+    ax.set_xlabel("denoising step (0 = first, most noisy)")
+    ax.set_ylabel("guidance scale w")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"CFG schedule over {steps} steps", fontsize=10)
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.15, top=0.9)
+    return _save(_fig_to_image(fig), path)
+
+
+def plot_losses(losses: Sequence[float], path: Optional[PathLike] = None, title: str = "training loss") -> Image.Image:
+    """The training-loss curve: raw per-step loss plus a moving average once there are enough steps."""
+    y = np.asarray([float(v) for v in losses], dtype=np.float64)
+    if y.size == 0:
+        raise ValueError("losses: empty; nothing to plot")
+    fig = _figure(6.4, 3.2)
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.arange(1, y.size + 1)
+    ax.plot(x, y, color="#90a4ae", lw=1, label="loss per step")
+    if y.size >= 10:
+        win = max(2, y.size // 20)
+        finite = np.where(np.isfinite(y), y, np.nan)
+        kernel = np.ones(win)
+        num = np.convolve(np.nan_to_num(finite), kernel, mode="valid")
+        den = np.convolve(np.isfinite(finite).astype(float), kernel, mode="valid")
+        avg = np.where(den > 0, num / np.maximum(den, 1), np.nan)
+        ax.plot(x[win - 1 :], avg, color="#c62828", lw=2, label=f"moving average ({win} steps)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    finite_y = y[np.isfinite(y)]
+    last = f"{finite_y[-1]:.4g}" if finite_y.size else "n/a"
+    ax.set_title(f"{title} ({y.size} steps, last {last})", fontsize=10)
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.16, top=0.9)
+    return _save(_fig_to_image(fig), path)
+
+
+# =================================================================================================================
+# image grids
+# =================================================================================================================
+
+
+def _font(size: int = 14):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _to_pil(img: Any) -> Optional[Image.Image]:
+    if img is None:
+        return None
+    if isinstance(img, Image.Image):
+        return img.convert("RGB")
+    if hasattr(img, "detach"):
+        img = img.detach().cpu().float().numpy()
+    arr = np.asarray(img)
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"images: each image must be [H, W, 3] (or a PIL image), got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr.astype(np.float64), 0, 1) * 255 + 0.5).astype(np.uint8)
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    return Image.fromarray(np.ascontiguousarray(arr[..., :3]))
+
+
+def _fit_tile(img: Image.Image, tile: int) -> Image.Image:
+    w, h = img.size
+    if max(w, h) <= tile:
+        f = max(1, tile // max(w, h))  # whole-factor nearest upscaling keeps pixels honest (no added blur)
+        return img.resize((w * f, h * f), Image.NEAREST) if f > 1 else img
+    s = tile / max(w, h)
+    return img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.LANCZOS)
+
+
+def image_grid(
+    images: Sequence[Any],
+    rows: int,
+    labels: Optional[Sequence[str]] = None,
+    row_labels: Optional[Sequence[str]] = None,
+    tile: int = TILE,
+) -> Image.Image:
+    """Lay ``images`` out row-major in ``rows`` rows; ``labels`` head the columns, ``row_labels`` sit left of rows.
+
+    Images are PIL images or arrays/tensors [H, W, 3] (float in [0, 1] or uint8), or a batch [N, H, W, 3]; a None
+    entry becomes a grey "missing" tile. Each cell is ``tile`` x ``tile`` pixels plus PAD; the header row is HEADER
+    pixels high when ``labels`` is given and the label column ROW_LABEL_W wide when ``row_labels`` is given.
+    """
+    if hasattr(images, "shape") and len(getattr(images, "shape")) == 4:
+        images = [images[i] for i in range(images.shape[0])]
+    images = list(images)
+    if not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"rows: {rows!r} must be an integer >= 1")
+    if not images:
+        raise ValueError("images: empty; nothing to lay out")
+    if tile < 8:
+        raise ValueError(f"tile: {tile!r} must be >= 8 pixels")
+    cols = math.ceil(len(images) / rows)
+    if labels is not None and len(labels) != cols:
+        raise ValueError(f"labels: {len(labels)} column labels for {cols} columns")
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"row_labels: {len(row_labels)} row labels for {rows} rows")
+    top = HEADER if labels is not None else 0
+    left = ROW_LABEL_W if row_labels is not None else 0
+    width = left + cols * (tile + PAD) + PAD
+    height = top + rows * (tile + PAD) + PAD
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = _font(14)
+    small = _font(11)
+    for j in range(cols):
+        if labels is not None:
+            x0 = left + PAD + j * (tile + PAD)
+            draw.text((x0 + tile / 2, top / 2), str(labels[j]), fill=(20, 20, 20), font=font, anchor="mm")
+    for i in range(rows):
+        y0 = top + PAD + i * (tile + PAD)
+        if row_labels is not None:
+            lines = textwrap.wrap(str(row_labels[i]), width=22)[:6]
+            draw.multiline_text((PAD, y0 + 2), "\n".join(lines), fill=(40, 40, 40), font=small, spacing=2)
+        for j in range(cols):
+            k = i * cols + j
+            if k >= len(images):
+                continue
+            x0 = left + PAD + j * (tile + PAD)
+            pil = _to_pil(images[k])
+            if pil is None:
+                draw.rectangle((x0, y0, x0 + tile - 1, y0 + tile - 1), fill=(225, 225, 225))
+                draw.text((x0 + tile / 2, y0 + tile / 2), "missing", fill=(120, 120, 120), font=small, anchor="mm")
+                continue
+            t = _fit_tile(pil, tile)
+            canvas.paste(t, (x0 + (tile - t.size[0]) // 2, y0 + (tile - t.size[1]) // 2))
+    return canvas
+
+
+def _grid_rows(data: RunData) -> list[int]:
+    ref_dir = data.root / "reference" / "images"
+    n = 0
+    ds = data.run.get("dataset") if isinstance(data.run.get("dataset"), dict) else {}
+    if isinstance(ds.get("n"), int):
+        n = ds["n"]
+    elif ref_dir.is_dir():
+        n = len(list(ref_dir.glob("*.png")))
+    if n <= 0:
+        return []
+    k = min(GRID_ROWS, n)
+    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
+
+
+def _find_image(folder: Path, c: int) -> Optional[Image.Image]:
+    exact = folder / f"{c:04d}_00.png"
+    cands = [exact] if exact.exists() else sorted(folder.glob(f"{c:04d}_*.png")) or sorted(folder.glob(f"{c:04d}.png"))
+    for p in cands:
+        try:
+            with Image.open(p) as im:
+                return im.convert("RGB")
+        except OSError:
+            continue
+    return None
+
+
+def _grid_seed(data: RunData, method: str) -> Optional[int]:
+    counts = {}
+    for r in data.records:
+        if r.method == method:
+            counts[r.seed] = counts.get(r.seed, 0) + 1
+    if counts:
+        return sorted(counts, key=lambda s: (-counts[s], s))[0]
+    return data.seeds[0] if data.seeds else None
+
+
+def method_grid(data: RunData, method: str, path: Optional[PathLike] = None) -> Optional[Image.Image]:
+    """grid_<method>.png: rows = a few caption indices, columns = D0 then each iteration (first image, one seed)."""
+    rows = _grid_rows(data)
+    if not rows:
+        return None
+    seed = _grid_seed(data, method)
+    n_it = data.max_iteration()
+    captions = []
+    ds = data.run.get("dataset") if isinstance(data.run.get("dataset"), dict) else {}
+    caps = ds.get("captions") if isinstance(ds.get("captions"), list) else []
+    images: list[Optional[Image.Image]] = []
+    for c in rows:
+        captions.append(f"#{c}: {caps[c]}" if c < len(caps) else f"#{c}")
+        images.append(_find_image(data.root / "reference" / "images", c))
+        for it in range(n_it):
+            folder = data.root / method / f"seed_{seed}" / f"iter_{it:03d}" / "images"
+            images.append(_find_image(folder, c) if folder.is_dir() else None)
+    labels = ["D0 (input)"] + [f"iter {i}" for i in range(n_it)]
+    grid = image_grid(images, rows=len(rows), labels=labels, row_labels=captions)
+    return _save(grid, path)
+
+
+# =================================================================================================================
+# metrics.csv and report.html
+# =================================================================================================================
+
+
+def _metric_columns(records: Iterable[IterationRecord]) -> list[str]:
+    names = set()
+    for r in records:
+        names.update(r.metrics)
+    return [m for m in METRIC_ORDER if m in names] + sorted(names - set(METRIC_ORDER))
+
+
+def metrics_csv_text(data: RunData) -> str:
+    cols = _metric_columns(data.records)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["method", "seed", "iteration", "done", "verdict", "reasons", "features"] + cols)
+    for r in _sorted_records(data):
+        v = r.verdict or {}
+        w.writerow(
+            [r.method, r.seed, r.iteration, int(r.done), v.get("label", ""), "; ".join(map(str, v.get("reasons", []))), r.features]
+            + [repr(r.metrics[c]) if c in r.metrics else "" for c in cols]
+        )
+    return buf.getvalue()
+
+
+def _sorted_records(data: RunData) -> list[IterationRecord]:
+    order = {m: i for i, m in enumerate(data.methods)}
+    return sorted(data.records, key=lambda r: (order.get(r.method, 1 << 30), r.method, r.seed, r.iteration))
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _partial_note(data: RunData) -> Optional[str]:
+    expected = None
+    if data.iterations is not None and data.methods and data.seeds:
+        expected = data.iterations * len(data.methods) * len(data.seeds)
+    finished = sum(1 for r in data.records if r.done)
+    if data.status == "complete" and (expected is None or finished >= expected):
+        return None
+    parts = [f"This run is partial (status: {data.status})."]
+    if expected is not None:
+        parts.append(f"{finished} of {expected} iterations finished.")
+    else:
+        parts.append(f"{finished} iterations finished.")
+    missing = []
+    if data.iterations is not None:
+        for m in data.methods:
+            for s in data.seeds:
+                n = sum(1 for r in data.records if r.method == m and r.seed == s and r.done)
+                if n < data.iterations:
+                    missing.append(f"{m} seed {s}: {n}/{data.iterations}")
+    if missing:
+        parts.append("Unfinished: " + ", ".join(missing) + ".")
+    return " ".join(parts)
+
+
+FEATURE_NOTES = {
+    FEATURES_HANDCRAFTED: (
+        "handcrafted-v1 is the weight-free feature set (colour histograms, saturation histogram, luminance octave-band "
+        "energies, gradient-orientation histogram, 8x8 luminance thumbnail; see docs/metrics.md). FID/KID on it track "
+        "drift within this run; they are not comparable to published Inception FIDs."
+    ),
+}
+
+
+def _features_note(features: set[str]) -> str:
+    if not features:
+        return "No FID/KID features recorded yet."
+    out = []
+    for f in sorted(features):
+        note = FEATURE_NOTES.get(f)
+        if note is None and f.startswith("inception"):
+            note = f"{f}: 2048-d pool3 features of Inception-v3 from a local weights file."
+        out.append(note or f)
+    return " ".join(out)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1700px}
+h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:4px}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f5f5f5}.v{display:inline-block;padding:2px 8px;border-radius:10px;color:#fff;font-weight:600;white-space:nowrap}
+.v-pending{background:#bdbdbd;color:#333}.note{background:#fff8e1;border:1px solid #ffcc80;padding:8px 12px;border-radius:6px}
+.problem{background:#ffebee;border:1px solid #ef9a9a;padding:8px 12px;border-radius:6px}
+img{max-width:100%;height:auto;border:1px solid #eee}pre{background:#f7f7f7;padding:10px;overflow:auto;font-size:12px}
+.reasons{font-size:12px;color:#444;margin:2px 0 0 0;padding-left:16px}
+"""
+
+
+def _verdict_span(label: str, reasons: Sequence[str]) -> str:
+    colour = VERDICT_COLOURS.get(label)
+    title = html.escape("\n".join(reasons), quote=True)
+    if colour is None:
+        return f'<span class="v v-pending" title="{title}">{html.escape(label)}</span>'
+    return f'<span class="v" style="background:{colour}" title="{title}">{html.escape(label)}</span>'
+
+
+def _verdict_table(data: RunData) -> str:
+    n_it = data.max_iteration()
+    head = "<tr><th>method</th><th>seed</th>" + "".join(f"<th>iter {i}</th>" for i in range(n_it)) + "</tr>"
+    rows = []
+    seeds = data.seeds or [None]
+    for m in data.methods:
+        for s in seeds:
+            cells = []
+            for i in range(n_it):
+                r = data.record(m, s, i) if s is not None else None
+                if r is None or not r.verdict:
+                    cells.append(f"<td>{_verdict_span('pending', ['not finished yet'])}</td>")
+                    continue
+                label = str(r.verdict.get("label", "?"))
+                reasons = [str(x) for x in r.verdict.get("reasons", [])]
+                extra = "" if r.done else " <small>(not marked DONE)</small>"
+                shown = [x for x in reasons if label != "stable"] if label in VERDICTS else reasons
+                lst = "".join(f"<li>{html.escape(x)}</li>" for x in shown[:4])
+                cells.append(f"<td>{_verdict_span(label, reasons)}{extra}" + (f'<ul class="reasons">{lst}</ul>' if lst else "") + "</td>")
+            rows.append(f"<tr><td><b>{html.escape(m)}</b></td><td>{'' if s is None else s}</td>{''.join(cells)}</tr>")
+    legend = " ".join(_verdict_span(v, []) for v in VERDICTS) + " " + _verdict_span("pending", [])
+    return (
+        f"<table>{head}{''.join(rows)}</table>"
+        f"<p>{legend}</p><p>Each iteration is compared with iteration 0 of the same method and seed "
+        "(its own starting point); hover a label for every reason. Thresholds: docs/metrics.md.</p>"
+    )
+
+
+def render_report(run_dir: PathLike) -> Path:
+    """Write metrics.csv, curves.png, grid_<method>.png and a self-contained report.html; return report.html's path.
+
+    Works on partial runs (missing iterations, status "running"/"cancelled"/"failed") and says so in the report.
+    """
+    data = read_run(run_dir)
+    root = data.root
+    atomic.write_text(root / "metrics.csv", metrics_csv_text(data))
+    plot_curves(data, root / "curves.png")
+    grids: list[tuple[str, Path]] = []
+    for m in data.methods:
+        p = root / f"grid_{m}.png"
+        if method_grid(data, m, p) is not None:
+            grids.append((m, p))
+
+    title = f"Chain of Diffusion report: {root.name}"
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    meta = []
+    for key in ("created", "updated"):
+        if data.run.get(key):
+            meta.append(f"{key} {html.escape(str(data.run[key]))}")
+    parts.append(f"<p>status: <b>{html.escape(data.status)}</b>" + (" · " + " · ".join(meta) if meta else "") + "</p>")
+    note = _partial_note(data)
+    if note:
+        parts.append(f'<p class="note">{html.escape(note)}</p>')
+    for prob in data.problems:
+        parts.append(f'<p class="problem">{html.escape(prob)}</p>')
+    parts.append("<h2>Verdicts</h2>")
+    parts.append(_verdict_table(data) if data.methods else "<p>No methods in this run yet.</p>")
+    parts.append("<h2>Metrics per iteration</h2>")
+    parts.append(f'<img alt="metric curves" src="{_data_uri(root / "curves.png")}">')
+    parts.append("<p>Dashed line: the value on your images (D0). All values are in <code>metrics.csv</code>.</p>")
+    parts.append("<h2>Images</h2>")
+    if grids:
+        parts.append("<p>Columns: your image (D0), then the image generated from the same caption at each iteration "
+                     "(first image per caption, one seed). Nearest-neighbour upscaling keeps small images unblurred.</p>")
+        for m, p in grids:
+            seed = _grid_seed(data, m)
+            parts.append(f"<h3>{html.escape(m)}{'' if seed is None else f' (seed {seed})'}</h3>")
+            parts.append(f'<img alt="images of {html.escape(m, quote=True)}" src="{_data_uri(p)}">')
+    else:
+        parts.append("<p>No reference images found.</p>")
+    feats = {r.features for r in data.records if r.features}
+    if not feats and data.run.get("features"):
+        feats = {str(data.run["features"])}
+    parts.append("<h2>Feature set for FID/KID</h2>")
+    parts.append(f"<p><code>{html.escape(', '.join(sorted(feats)) or 'none yet')}</code>: {html.escape(_features_note(feats))}</p>")
+    if data.reference_metrics:
+        parts.append("<h3>Your images (D0)</h3><table><tr>" + "".join(
+            f"<th>{html.escape(k)}</th>" for k in data.reference_metrics) + "</tr><tr>" + "".join(
+            f"<td>{v:.4g}</td>" for v in data.reference_metrics.values()) + "</tr></table>")
+    parts.append("<h2>Configuration</h2>")
+    parts.append(f"<pre>{html.escape(json.dumps(data.config, indent=2, sort_keys=True, default=str))}</pre>")
+    extra = {k: data.run[k] for k in ("pipeline", "seeds") if k in data.run}
+    if isinstance(data.run.get("dataset"), dict):
+        extra["dataset"] = {"n": data.run["dataset"].get("n")}
+    if extra:
+        parts.append(f"<pre>{html.escape(json.dumps(extra, indent=2, sort_keys=True, default=str))}</pre>")
+    versions = data.run.get("versions") if isinstance(data.run.get("versions"), dict) else {}
+    parts.append("<h2>Versions</h2>")
+    parts.append("<table>" + "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in sorted(versions.items())
+    ) + "</table>" if versions else "<p>not recorded</p>")
+    parts.append("</body></html>\n")
+    out = root / "report.html"
+    atomic.write_text(out, "".join(parts))
+    return out
