@@ -69,8 +69,8 @@ def _log_ndtr(x: np.ndarray) -> np.ndarray:
     out = np.empty_like(x)
     mid = x > -20.0
     out[mid] = np.log(0.5 * _ERFC(-x[mid] / _SQRT2))
-    t = x[~mid]  # asymptotic series: Phi(t) ~ phi(t)/(-t) * (1 - 1/t^2 + 3/t^4)
-    out[~mid] = -0.5 * t * t - np.log(-t) - 0.5 * math.log(2 * math.pi) + np.log1p(-1 / t**2 + 3 / t**4)
+    t = x[~mid]  # asymptotic series: Phi(t) ~ phi(t)/(-t) * (1 - 1/t^2 + 3/t^4 - 15/t^6)
+    out[~mid] = -0.5 * t * t - np.log(-t) - 0.5 * math.log(2 * math.pi) + np.log1p(-1 / t**2 + 3 / t**4 - 15 / t**6)
     return out
 
 

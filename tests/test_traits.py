@@ -226,3 +226,17 @@ def test_plot_traits_refuses_non_png_before_writing(tmp_path):
     with pytest.raises(ValueError, match="png"):
         plot_traits(tmp_path / "traits.jpg")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_log_normal_cdf_tail_is_accurate():
+    from redifine_core.traits import _log_ndtr
+
+    xs = np.array([3.0, 0.0, -5.0, -19.9, -20.1, -25.0, -30.0])
+    exact = [math.log(0.5 * math.erfc(-x / math.sqrt(2))) for x in xs]  # erfc is still representable at -30
+    assert _log_ndtr(xs) == pytest.approx(exact, rel=1e-10)
+
+
+def test_guidance_far_in_the_blur_region_stays_finite_and_pushes_up():
+    z = Selection.guidance(7.5).generate(-10.0, 1.0, 2000, np.random.default_rng(0))
+    assert np.isfinite(z).all()
+    assert z.mean() > -9.5
