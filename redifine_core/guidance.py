@@ -169,7 +169,7 @@ class Schedule:
         return self
 
     def scale(self, progress: float, iteration: int = 0) -> float:
-        """Guidance scale at denoising progress ``progress`` in [0, 1] (0 = first step) of chain iteration ``iteration``."""
+        """Guidance scale at denoising progress ``progress`` in [0, 1] (0 = first step), chain iteration ``iteration``."""
         p = _check_progress(progress)
         return float(self.at_iteration(iteration)._w(p))
 
@@ -398,7 +398,8 @@ def _tokenize(spec: str) -> list[_Tok]:
             toks.append(_Tok("name", m.group().lower(), i))
             i = m.end()
             continue
-        raise ScheduleSyntaxError(spec, i, f"unexpected character {c!r}: expected a number, a form name, '(', ',', ')' or ':'")
+        raise ScheduleSyntaxError(
+            spec, i, f"unexpected character {c!r}: expected a number, a form name, '(', ',', ')' or ':'")
     toks.append(_Tok("end", "", n))
     return toks
 
@@ -450,7 +451,8 @@ class _Parser:
             raise self.error(0, "the spec is empty: expected a number or a schedule form")
         node = self.term(allow_pair=False)
         if self.tok.kind != "end":
-            raise self.error(self.tok.pos, f"unexpected {self._found()} after the end of the schedule: expected nothing more")
+            raise self.error(self.tok.pos,
+                             f"unexpected {self._found()} after the end of the schedule: expected nothing more")
         return node
 
     def number(self) -> _Num:
@@ -467,7 +469,8 @@ class _Parser:
                     raise self.error(self.tok.pos, "unexpected ':': keyframes p:w are only allowed inside keys(...)")
                 self.i += 1
                 if self.tok.kind != "num":
-                    raise self.error(self.tok.pos, f"expected the keyframe's scale w (a number) after ':', found {self._found()}")
+                    raise self.error(self.tok.pos,
+                                     f"expected the keyframe's scale w (a number) after ':', found {self._found()}")
                 return _Pair(num, self.number(), t.pos)
             return num
         if t.kind == "name":
@@ -592,7 +595,8 @@ class _Builder:
 
     def items(self, node: _Call, cls):
         if not node.args:
-            raise self.error(node.close_pos, f"{node.name} takes at least one per-step schedule, e.g. {node.name}(7.5, 3)")
+            raise self.error(node.close_pos,
+                             f"{node.name} takes at least one per-step schedule, e.g. {node.name}(7.5, 3)")
         out = []
         for k, arg in enumerate(node.args):
             s = self.build(arg)

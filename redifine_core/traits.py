@@ -213,7 +213,8 @@ def _resolve(selection, generation: int) -> Selection:
     """The Selection used to generate generation ``generation + 1`` (chain iteration ``generation``)."""
     if isinstance(selection, Selection):
         return selection
-    if isinstance(selection, (str, Schedule)) or (isinstance(selection, numbers.Real) and not isinstance(selection, bool)):
+    is_number = isinstance(selection, numbers.Real) and not isinstance(selection, bool)
+    if is_number or isinstance(selection, (str, Schedule)):
         return selection_from_cfg(selection, iteration=generation)
     raise TypeError(f"selection must be a Selection, a CFG scale, a schedule spec or a Schedule, got {selection!r}")
 
