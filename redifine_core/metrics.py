@@ -62,6 +62,8 @@ BLUR_DROP = 0.25
 """hf_share or laplacian_var falling by more than 25 % is a blur sign."""
 SLOPE_STEEPER = 0.3
 """spectral_slope falling (steeper) by more than 0.3 (absolute, log-log units) is a blur sign."""
+SLOPE_FLATTER = 0.3
+"""spectral_slope rising (flatter: more high-frequency energy) by more than 0.3 is an over-guidance sign."""
 SHARP_RISE = 0.25
 """hf_share or laplacian_var rising by more than 25 % is an over-guidance sign."""
 SATURATION_RISE = 0.15
@@ -700,9 +702,10 @@ def _rel(cur: float, base: float) -> float:
 def verdict(current: Mapping[str, Any], baseline: Mapping[str, Any]) -> Verdict:
     """Compare an iteration's metrics with iteration 0's of the same method+seed (thresholds: module constants).
 
-    Blur signs: hf_share or laplacian_var down > BLUR_DROP (relative), spectral_slope down > SLOPE_STEEPER.
-    Over-guidance signs: saturation up > SATURATION_RISE, colourfulness up > COLOURFULNESS_RISE (relative),
-    clipped_fraction up > CLIPPED_RISE (absolute), hf_share or laplacian_var up > SHARP_RISE (relative).
+    Blur signs: sharpness (hf_share and/or laplacian_var) down > BLUR_DROP (relative), spectral_slope down >
+    SLOPE_STEEPER. Over-guidance signs: sharpness up > SHARP_RISE (relative), spectral_slope up > SLOPE_FLATTER,
+    saturation up > SATURATION_RISE, colourfulness up > COLOURFULNESS_RISE (relative), clipped_fraction up >
+    CLIPPED_RISE (absolute). hf_share and laplacian_var together are one sign (they measure the same thing).
     A label needs MIN_SIGNS signs; when both modes have enough, the one with more signs wins (ties: the larger summed
     change in threshold units). Metrics missing from either dict are skipped.
     """
@@ -717,39 +720,51 @@ def verdict(current: Mapping[str, Any], baseline: Mapping[str, Any]) -> Verdict:
                 return c, b
         return None
 
-    blur: list[tuple[str, float]] = []  # (reason, strength in threshold units)
-    over: list[tuple[str, float]] = []
+    # each entry: (reasons, strength in threshold units); hf_share and laplacian_var both measure sharpness and
+    # move together, so the two of them count as ONE sign (listed separately in the reasons)
+    blur: list[tuple[list[str], float]] = []
+    over: list[tuple[list[str], float]] = []
+    sharp_down: list[tuple[str, float]] = []
+    sharp_up: list[tuple[str, float]] = []
     for name in ("hf_share", "laplacian_var"):
         v = get(name)
         if v is None:
             continue
         r = _rel(*v)
         if r <= -BLUR_DROP:
-            blur.append((f"{name} {r:+.0%} vs iteration 0 ({v[1]:.4g} -> {v[0]:.4g})", -r / BLUR_DROP))
+            sharp_down.append((f"{name} {r:+.0%} vs iteration 0 ({v[1]:.4g} -> {v[0]:.4g})", -r / BLUR_DROP))
         elif r >= SHARP_RISE:
-            over.append((f"{name} {r:+.0%} vs iteration 0 ({v[1]:.4g} -> {v[0]:.4g})", r / SHARP_RISE))
+            sharp_up.append((f"{name} {r:+.0%} vs iteration 0 ({v[1]:.4g} -> {v[0]:.4g})", r / SHARP_RISE))
+    if sharp_down:
+        blur.append(([t for t, _ in sharp_down], max(x for _, x in sharp_down)))
+    if sharp_up:
+        over.append(([t for t, _ in sharp_up], max(x for _, x in sharp_up)))
     v = get("spectral_slope")
-    if v is not None and v[0] - v[1] <= -SLOPE_STEEPER:
+    if v is not None:
         d = v[0] - v[1]
-        blur.append((f"spectral_slope {d:+.2f} steeper vs iteration 0 ({v[1]:.2f} -> {v[0]:.2f})", -d / SLOPE_STEEPER))
+        if d <= -SLOPE_STEEPER:
+            blur.append(([f"spectral_slope {d:+.2f}, steeper, vs iteration 0 ({v[1]:.2f} -> {v[0]:.2f})"], -d / SLOPE_STEEPER))
+        elif d >= SLOPE_FLATTER:
+            over.append(([f"spectral_slope {d:+.2f}, flatter, vs iteration 0 ({v[1]:.2f} -> {v[0]:.2f})"], d / SLOPE_FLATTER))
     for name, thr in (("saturation", SATURATION_RISE), ("colourfulness", COLOURFULNESS_RISE)):
         v = get(name)
         if v is not None:
             r = _rel(*v)
             if r >= thr:
-                over.append((f"{name} {r:+.0%} vs iteration 0 ({v[1]:.3g} -> {v[0]:.3g})", r / thr))
+                over.append(([f"{name} {r:+.0%} vs iteration 0 ({v[1]:.3g} -> {v[0]:.3g})"], r / thr))
     v = get("clipped_fraction")
     if v is not None and v[0] - v[1] >= CLIPPED_RISE:
         d = v[0] - v[1]
-        over.append((f"clipped_fraction {d * 100:+.1f} points vs iteration 0 ({v[1]:.1%} -> {v[0]:.1%})", d / CLIPPED_RISE))
+        over.append(([f"clipped_fraction {d * 100:+.1f} points vs iteration 0 ({v[1]:.1%} -> {v[0]:.1%})"], d / CLIPPED_RISE))
 
     nb, no = len(blur), len(over)
+    flat = lambda signs: [t for texts, _ in signs for t in texts]  # noqa: E731
     if nb >= MIN_SIGNS or no >= MIN_SIGNS:
-        sb, so = sum(s for _, s in blur), sum(s for _, s in over)
+        sb, so = sum(x for _, x in blur), sum(x for _, x in over)
         if (nb, sb) >= (no, so):
-            return Verdict("drifting to blur", [r for r, _ in blur] + [f"(also: {r})" for r, _ in over])
-        return Verdict("drifting to over-guidance", [r for r, _ in over] + [f"(also: {r})" for r, _ in blur])
-    lone = [r for r, _ in blur + over]
+            return Verdict("drifting to blur", flat(blur) + [f"(also: {t})" for t in flat(over)])
+        return Verdict("drifting to over-guidance", flat(over) + [f"(also: {t})" for t in flat(blur)])
+    lone = flat(blur + over)
     if lone:
-        return Verdict("stable", [f"only one sign, {MIN_SIGNS} needed: {r}" for r in lone])
+        return Verdict("stable", [f"only one sign, {MIN_SIGNS} needed: {t}" for t in lone])
     return Verdict("stable", ["all metrics within thresholds of iteration 0"])

@@ -178,7 +178,7 @@ def read_run(run_dir: PathLike) -> RunData:
                 v = data.get("verdict") if isinstance(data.get("verdict"), dict) else None
                 records.append(IterationRecord(
                     method=method, seed=seed, iteration=it, folder=idir, metrics=metrics, verdict=v,
-                    features=str(data.get("features", metrics and run.get("features", "")) or ""),
+                    features=str(data.get("features") or run.get("features") or ""),
                     done=(idir / "DONE").exists(),
                 ))
     ref = _read_json(root / "reference" / "metrics.json", problems)
@@ -607,7 +607,7 @@ def _verdict_table(data: RunData) -> str:
                 reasons = [str(x) for x in r.verdict.get("reasons", [])]
                 extra = "" if r.done else " <small>(not marked DONE)</small>"
                 shown = [x for x in reasons if label != "stable"] if label in VERDICTS else reasons
-                lst = "".join(f"<li>{html.escape(x)}</li>" for x in shown[:4])
+                lst = "".join(f"<li>{html.escape(x)}</li>" for x in shown[:3])
                 cells.append(f"<td>{_verdict_span(label, reasons)}{extra}" + (f'<ul class="reasons">{lst}</ul>' if lst else "") + "</td>")
             rows.append(f"<tr><td><b>{html.escape(m)}</b></td><td>{'' if s is None else s}</td>{''.join(cells)}</tr>")
     legend = " ".join(_verdict_span(v, []) for v in VERDICTS) + " " + _verdict_span("pending", [])

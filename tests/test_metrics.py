@@ -358,13 +358,23 @@ def test_verdict_needs_two_signs_and_names_relative_change():
             "colourfulness": 40.0, "clipped_fraction": 0.0}
     one = dict(base, hf_share=0.1)  # -50 % alone
     v = M.verdict(one, base)
-    assert v.label == "stable" and "-50%" in v.reasons[0]
+    assert v.label == "stable" and "-50%" in v.reasons[0] and "only one sign" in v.reasons[0]
+    # hf_share and laplacian_var measure the same thing: together they are still one sign
+    assert M.verdict(dict(base, hf_share=0.1, laplacian_var=0.02), base).label == "stable"
+    assert M.verdict(dict(base, hf_share=0.3, laplacian_var=0.08), base).label == "stable"
     two = dict(base, hf_share=0.1, spectral_slope=-2.5)
-    assert M.verdict(two, base).label == "drifting to blur"
+    v = M.verdict(two, base)
+    assert v.label == "drifting to blur" and any("steeper" in r for r in v.reasons)
     over = dict(base, saturation=0.4, clipped_fraction=0.05)
     v = M.verdict(over, base)
     assert v.label == "drifting to over-guidance"
     assert any("+33%" in r for r in v.reasons) and any("+5.0 points" in r for r in v.reasons)
+    sharp_flat = dict(base, laplacian_var=0.1, spectral_slope=-1.5)
+    assert M.verdict(sharp_flat, base).label == "drifting to over-guidance"
+    # both modes present: the one with more signs wins, the other is listed as "also"
+    mixed = dict(base, hf_share=0.1, spectral_slope=-2.5, saturation=0.4, colourfulness=60.0, clipped_fraction=0.1)
+    v = M.verdict(mixed, base)
+    assert v.label == "drifting to over-guidance" and any(r.startswith("(also: hf_share") for r in v.reasons)
     # missing metrics are skipped rather than failing
     assert M.verdict({"fid_ref": 3.0}, {"fid_ref": 1.0}).label == "stable"
 
