@@ -289,21 +289,33 @@ def plot_schedule(
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: {steps!r} must be an integer >= 1")
     parsed = [parse_schedule(s) for s in schedules]  # raises ScheduleSyntaxError (a ValueError) on bad specs
-    fig = _figure(6.4, 3.6)
+    legend_rows = math.ceil((len(parsed) + 1) / 2)
+    legend_h = 0.22 * legend_rows + 0.2
+    fig = _figure(6.4, 3.4 + legend_h)
     ax = fig.add_subplot(1, 1, 1)
     x = np.arange(steps)
-    for i, s in enumerate(parsed):
+    for i, (raw, s) in enumerate(zip(schedules, parsed)):
         ys = s.values(steps, iteration)
-        label = s.spec if not s.is_chain_axis else f"{s.spec} @ iteration {iteration}"
-        ax.plot(x, ys, marker="o" if steps <= 40 else None, ms=3, lw=1.8, color=_method_colour(i), label=label)
+        label = s.spec
+        if isinstance(raw, str) and raw.strip() and raw.strip().lower() != s.spec.lower():
+            label = f"{raw.strip()} = {s.spec}"
+        if s.is_chain_axis:
+            label += f" @ iteration {iteration}"
+        # one value per step: drawn as steps, so a switch between two steps is not shown as a ramp
+        ax.plot(x, ys, drawstyle="steps-mid", lw=1.8, color=_method_colour(i), label=label)
+        if steps <= 40:
+            ax.plot(x, ys, ls="none", marker="o", ms=3, color=_method_colour(i))
     ax.axhline(1.0, color="0.5", ls=":", lw=1, label="w = 1 (no guidance)")
     ax.set_xlabel("denoising step (0 = first, most noisy)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("guidance scale w")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     ax.set_title(f"CFG schedule over {steps} steps", fontsize=10)
-    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.15, top=0.9)
+    fh = fig.get_figheight()
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=(legend_h + 0.5) / fh, top=1 - 0.35 / fh)
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 0.0))
     return _save(_fig_to_image(fig), path)
 
 
