@@ -1,0 +1,231 @@
+"""ReDiFineChain: the Chain of Diffusion (finetune, regenerate, repeat) for one or more methods, side by side."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+
+from . import _comfy
+from .common import (CATEGORY, ComfyCancel, ProgressAdapter, comfy_cancellation, lines, name_error, path_inside,
+                     pils_to_tensor, schedule_error)
+
+KINDS = ("baseline", "redifine", "custom")
+PROTOCOLS = ("restart", "continue")
+RUNS_SUBDIR = "redifine"
+_LINE_RE = re.compile(r"^(?:(?P<name>[A-Za-z0-9_.\-]+)\s*:\s*)?(?P<kind>[A-Za-z]+)\b\s*(?P<rest>.*)$")
+_KEY_RE = re.compile(r"(?:^|\s)(cfg|schedule|cond_drop)\s*=", re.IGNORECASE)
+
+
+def _fmt_num(x: float) -> str:
+    return f"{x:g}"
+
+
+def parse_method_line(line: str, index: int = 0) -> dict:
+    """One method line -> MethodConfig keyword arguments; ValueError naming the line on mistakes.
+
+    Forms: ``baseline 7.5`` (or ``baseline cfg=7.5``), ``redifine`` (optionally ``cond_drop=0.2``,
+    ``schedule=<spec>``), ``custom schedule=<spec> cond_drop=<p>``; an optional ``name:`` prefix sets the label.
+    """
+    m = _LINE_RE.match(line.strip())
+    if not m or m.group("kind").lower() not in KINDS:
+        raise ValueError(f"method line {index + 1} {line!r}: start with one of {KINDS} "
+                         "(optionally 'name: ' before it), e.g. 'baseline 7.5' or 'redifine cond_drop=0.2'")
+    kind = m.group("kind").lower()
+    rest = m.group("rest").strip()
+    kw: dict = {"kind": kind}
+    keys = list(_KEY_RE.finditer(rest))
+    head = rest[: keys[0].start()].strip() if keys else rest
+    if head:
+        if kind != "baseline":
+            raise ValueError(f"method line {index + 1} {line!r}: unexpected {head!r}; use key=value "
+                             "(cfg=, schedule=, cond_drop=)")
+        kw["cfg"] = head
+    for i, k in enumerate(keys):
+        end = keys[i + 1].start() if i + 1 < len(keys) else len(rest)
+        key = k.group(1).lower()
+        if key in kw:
+            raise ValueError(f"method line {index + 1} {line!r}: {key} is given twice")
+        kw[key] = rest[k.end():end].strip()
+    for key in ("cfg", "cond_drop"):
+        if key in kw:
+            try:
+                kw[key] = float(kw[key])
+            except ValueError:
+                raise ValueError(f"method line {index + 1} {line!r}: {key}={kw[key]!r} is not a number") from None
+    if kind == "baseline" and "cfg" not in kw:
+        raise ValueError(f"method line {index + 1} {line!r}: a baseline needs its CFG, e.g. 'baseline 7.5'")
+    if kind == "baseline" and ("schedule" in kw or "cond_drop" in kw):
+        raise ValueError(f"method line {index + 1} {line!r}: a baseline is constant CFG without condition drop; "
+                         "use 'custom schedule=... cond_drop=...' for other mixes")
+    if kind == "custom" and "schedule" not in kw:
+        raise ValueError(f"method line {index + 1} {line!r}: a custom method needs schedule=<spec>")
+    if "schedule" in kw:
+        err = schedule_error(kw["schedule"], f"method line {index + 1} schedule")
+        if err:
+            raise ValueError(err)
+    if "cond_drop" in kw and not 0.0 <= kw["cond_drop"] <= 1.0:
+        raise ValueError(f"method line {index + 1} {line!r}: cond_drop={kw['cond_drop']!r} must be between 0 and 1")
+    name = m.group("name")
+    if not name:
+        name = {"baseline": f"baseline-w{_fmt_num(kw.get('cfg', 0))}", "redifine": "redifine"}.get(kind, f"custom{index + 1}")
+    kw["name"] = name
+    return kw
+
+
+def parse_methods(text: str) -> list[dict]:
+    """Every method line of the widget (at least one; names must be unique)."""
+    out = [parse_method_line(ln, i) for i, ln in enumerate(lines(text))]
+    if not out:
+        raise ValueError("methods is empty: write one method per line, e.g. 'baseline 7.5' and 'redifine'")
+    names = [m["name"] for m in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"methods: the names {dup} appear twice; prefix lines with distinct names like 'a: ...'")
+    return out
+
+
+def run_directory(run_name: str) -> str:
+    """``<ComfyUI output>/redifine/<run_name>``, refusing names that would land anywhere else."""
+    return path_inside(_comfy.output_directory(), RUNS_SUBDIR, run_name.strip())
+
+
+def final_verdicts(run_dir: str) -> list[str]:
+    """'method (seed S), iteration i: label - reasons' for the last finished iteration of every method and seed."""
+    out = []
+    for seed_dir in sorted(glob.glob(os.path.join(run_dir, "*", "seed_*"))):
+        done = sorted(d for d in glob.glob(os.path.join(seed_dir, "iter_*")) if os.path.exists(os.path.join(d, "DONE")))
+        if not done:
+            continue
+        with open(os.path.join(done[-1], "metrics.json"), encoding="utf-8") as f:
+            m = json.load(f)
+        v = m.get("verdict") or {}
+        reasons = "; ".join(v.get("reasons") or [])
+        out.append(f"{m.get('method', os.path.basename(os.path.dirname(seed_dir)))} (seed {m.get('seed', '?')}), "
+                   f"iteration {m.get('iteration', '?')}: {v.get('label', '?')}" + (f" - {reasons}" if reasons else ""))
+    return out
+
+
+def _load_images(paths):
+    from PIL import Image
+
+    ims = []
+    for p in paths:
+        with Image.open(p) as im:
+            ims.append(im.convert("RGB"))
+    return ims
+
+
+class ReDiFineChain:
+    DESCRIPTION = ("Runs the Chain of Diffusion: finetune a LoRA on the images, generate a new set from the same "
+                   "captions, finetune on that, and so on, for each method side by side (e.g. constant CFG baselines "
+                   "against ReDiFine). Writes a resumable run folder under ComfyUI's output/redifine/<run_name> with "
+                   "images, LoRAs, metrics, curves and an HTML report. Cancel stops within one step; run again with "
+                   "resume on to continue.")
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("IMAGE", "IMAGE", "STRING", "STRING")
+    RETURN_NAMES = ("grids", "curves", "verdict", "run_dir")
+    OUTPUT_TOOLTIPS = (
+        "One grid per method: rows are iterations (D0 first), columns are captions.",
+        "Metric curves along the chain, one line per method.",
+        "The verdict for the last iteration of each method (stable / drifting to blur / drifting to over-guidance).",
+        "The run folder (inside ComfyUI's output folder) with report.html.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        try:
+            from .generate import sampler_names
+
+            samplers = sampler_names()
+        except Exception:
+            samplers = ["ddim"]
+        return {"required": {
+            "pipeline": ("REDIFINE_PIPELINE", {"tooltip": "The base model (from ReDiFine Load Pipeline)."}),
+            "dataset": ("REDIFINE_DATASET", {"tooltip": "D0: the captioned images the chain starts from."}),
+            "run_name": ("STRING", {"default": "my_chain", "tooltip":
+                         "Run folder name under ComfyUI's output/redifine/. A plain name: no '/', '\\' or '..'."}),
+            "iterations": ("INT", {"default": 3, "min": 1, "max": 100, "tooltip":
+                           "How many finetune-and-regenerate rounds."}),
+            "methods": ("STRING", {"default": "baseline 7.5\nredifine", "multiline": True, "tooltip":
+                        "One method per line: 'baseline <cfg>' (constant CFG, no condition drop), 'redifine' "
+                        "(condition drop + decaying CFG schedule; options cond_drop=, schedule=) or "
+                        "'custom schedule=<spec> cond_drop=<p>'. Prefix 'name: ' to label a line."}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Denoising steps per generated image."}),
+            "sampler": (samplers, {"default": "ddim", "tooltip": "The denoising sampler for generation."}),
+            "images_per_caption": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip":
+                                   "Images generated per caption in each iteration."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip":
+                     "Seed of the first replicate (training and generation seeds follow from it)."}),
+            "replicates": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip":
+                           "Independent replicate chains (seeds seed, seed+1, ...) for error bars."}),
+            "train_steps": ("INT", {"default": 200, "min": 1, "max": 100000, "tooltip":
+                            "LoRA optimizer steps per iteration."}),
+            "rank": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "LoRA rank (alpha = rank)."}),
+            "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-5, "round": False,
+                              "tooltip": "AdamW learning rate."}),
+            "batch_size": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "Images per optimizer step."}),
+            "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8, "tooltip":
+                           "Training and generation size in pixels; 0 = the model's own."}),
+            "protocol": (list(PROTOCOLS), {"default": "restart", "tooltip":
+                         "restart = each LoRA is trained from the base model (the paper's protocol); continue = "
+                         "keep training the previous iteration's LoRA."}),
+            "resume": ("BOOLEAN", {"default": True, "tooltip":
+                       "Continue a run folder of the same name (finished iterations are kept); off = refuse to "
+                       "touch an existing folder."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, run_name, methods, iterations, protocol):
+        if run_name is not None:
+            err = name_error(run_name, "run_name")
+            if err:
+                return err
+        if methods is not None:
+            try:
+                parse_methods(methods)
+            except ValueError as e:
+                return str(e)
+        if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1):
+            return f"iterations={iterations!r} must be an integer >= 1"
+        if protocol is not None and protocol not in PROTOCOLS:
+            return f"protocol={protocol!r} must be one of {PROTOCOLS}"
+        return True
+
+    def run(self, pipeline, dataset, run_name, iterations, methods, steps, sampler, images_per_caption, seed,
+            replicates, train_steps, rank, learning_rate, batch_size, resolution, protocol, resume, unique_id=None):
+        import torch
+
+        from redifine_core.chain import ChainConfig, MethodConfig, run_chain
+        from redifine_core.report import render_report
+        from redifine_core.training import TrainConfig
+
+        err = name_error(run_name, "run_name")
+        if err:
+            raise ValueError(err)
+        run_dir = run_directory(run_name)
+        if os.path.exists(os.path.join(run_dir, "run.json")) and not resume:
+            raise ValueError(f"run_name={run_name!r}: {run_dir} already holds a run; turn resume on to continue it "
+                             "or choose another run_name")
+        size = int(resolution) or None
+        config = ChainConfig(
+            iterations=int(iterations),
+            methods=tuple(MethodConfig(**kw) for kw in parse_methods(methods)),
+            train=TrainConfig(steps=int(train_steps), learning_rate=float(learning_rate), rank=int(rank),
+                              alpha=float(rank), batch_size=int(batch_size), resolution=size, seed=int(seed)),
+            images_per_caption=int(images_per_caption), steps=int(steps), sampler=sampler,
+            seeds=tuple(int(seed) + i for i in range(int(replicates))), protocol=protocol, width=size, height=size,
+        )
+        with torch.inference_mode(False), comfy_cancellation():
+            run_chain(pipeline, dataset, config, run_dir, progress=ProgressAdapter(unique_id), cancel=ComfyCancel(),
+                      resume=bool(resume) and os.path.exists(os.path.join(run_dir, "run.json")))
+            render_report(run_dir)
+        grids = sorted(glob.glob(os.path.join(run_dir, "grid_*.png")))
+        curves = os.path.join(run_dir, "curves.png")
+        grid_t = pils_to_tensor(_load_images(grids)) if grids else torch.zeros(1, 64, 64, 3)
+        curves_t = pils_to_tensor(_load_images([curves])) if os.path.exists(curves) else torch.zeros(1, 64, 64, 3)
+        verdict = "\n".join(final_verdicts(run_dir)) or "no finished iteration"
+        return {"ui": {"text": [verdict]}, "result": (grid_t, curves_t, verdict, run_dir)}

@@ -1,0 +1,125 @@
+"""ReDiFineTrainLoRA: condition-drop LoRA finetuning, saved to ComfyUI's loras folder in kohya layout."""
+
+from __future__ import annotations
+
+import os
+
+from . import _comfy
+from .common import ANY, CATEGORY, ComfyCancel, ProgressAdapter, comfy_cancellation, name_error, path_inside, safe_name
+
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+def lora_filename(lora_name: str) -> str:
+    """``my_lora`` -> ``my_lora.safetensors`` (ValueError for unsafe names)."""
+    name = safe_name(lora_name, "lora_name")
+    return name if name.endswith(".safetensors") else name + ".safetensors"
+
+
+def lora_path(lora_name: str) -> str:
+    """Where the LoRA is written: inside ComfyUI's first loras folder, never outside it."""
+    return path_inside(_comfy.loras_directory(), lora_filename(lora_name))
+
+
+class ReDiFineTrainLoRA:
+    DESCRIPTION = ("Finetunes a LoRA on the captioned set with condition drop (ReDiFine's first half): each caption "
+                   "is replaced by the empty prompt with probability cond_drop, which keeps the unconditional branch "
+                   "trained so CFG keeps working along a chain. Saves <lora_name>.safetensors into ComfyUI's loras "
+                   "folder in kohya layout, so the stock LoraLoader applies every key. Cancel stops within one step "
+                   "and leaves no file.")
+    CATEGORY = CATEGORY
+    FUNCTION = "train"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("REDIFINE_LORA", ANY, "IMAGE")
+    RETURN_NAMES = ("lora", "lora_name", "loss_curve")
+    OUTPUT_TOOLTIPS = (
+        "The trained LoRA, for ReDiFine Generate.",
+        "The saved file's name in the loras folder: connect it to the stock LoraLoader's lora_name.",
+        "The training loss per step.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "pipeline": ("REDIFINE_PIPELINE", {"tooltip": "The base model to finetune (from ReDiFine Load Pipeline)."}),
+            "dataset": ("REDIFINE_DATASET", {"tooltip": "The captioned images to train on (from ReDiFine Dataset)."}),
+            "lora_name": ("STRING", {"default": "redifine_lora", "tooltip":
+                          "File name in ComfyUI's loras folder (.safetensors is added). A plain name: no '/', '\\' "
+                          "or '..'. An existing file of that name is replaced when training finishes."}),
+            "cond_drop": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
+                          "Probability of training a sample on the empty prompt (0 = plain finetuning, the paper's "
+                          "ReDiFine uses about 0.1-0.2)."}),
+            "rank": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "LoRA rank (size of the low-rank update)."}),
+            "alpha": ("FLOAT", {"default": 4.0, "min": 0.01, "max": 1024.0, "step": 0.01, "tooltip":
+                      "LoRA alpha; the update is scaled by alpha / rank."}),
+            "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-5, "round": False,
+                              "tooltip": "AdamW learning rate."}),
+            "steps": ("INT", {"default": 200, "min": 1, "max": 100000, "tooltip": "Optimizer steps."}),
+            "batch_size": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "Images per optimizer step."}),
+            "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8, "tooltip":
+                           "Training resolution in pixels; 0 = the model's own (e.g. 512 for SD1.5, 32 for toy)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip":
+                     "Seed for noise, timesteps and condition drop: same seed + inputs = same LoRA."}),
+            "precision": (list(PRECISIONS), {"default": "no", "tooltip":
+                          "Mixed precision for the forward pass: no (fp32), fp16 or bf16 (GPU)."}),
+            "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip":
+                                       "Recompute activations in the backward pass: less memory, slower."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, lora_name, cond_drop, rank, alpha, learning_rate, steps, batch_size, resolution,
+                        precision):
+        # A value is None when the widget is fed by a link; it is then checked when the node runs.
+        err = None if lora_name is None else name_error(lora_name, "lora_name")
+        if err:
+            return err
+        checks = (
+            (cond_drop, lambda v: 0.0 <= v <= 1.0, "cond_drop={!r} must be between 0 and 1 (a probability)"),
+            (rank, lambda v: v >= 1 and v == int(v), "rank={!r} must be a positive integer"),
+            (alpha, lambda v: v > 0, "alpha={!r} must be > 0"),
+            (learning_rate, lambda v: 0 < v <= 1, "learning_rate={!r} must be in (0, 1]"),
+            (steps, lambda v: v >= 1 and v == int(v), "steps={!r} must be a positive integer"),
+            (batch_size, lambda v: v >= 1 and v == int(v), "batch_size={!r} must be a positive integer"),
+            (resolution, lambda v: v >= 0 and v % 8 == 0,
+             "resolution={!r} must be 0 (the model's own) or a positive multiple of 8"),
+        )
+        for value, ok, msg in checks:
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or not ok(value)):
+                return msg.format(value)
+        if precision is not None and precision not in PRECISIONS:
+            return f"precision={precision!r} must be one of {PRECISIONS}"
+        return True
+
+    @classmethod
+    def IS_CHANGED(cls, lora_name=None, **kwargs):
+        """Re-train when the saved file was deleted or replaced (otherwise ComfyUI reuses the cached result)."""
+        try:
+            p = lora_path(lora_name)
+        except Exception:
+            return "invalid"
+        return os.path.getmtime(p) if os.path.exists(p) else "missing"
+
+    def train(self, pipeline, dataset, lora_name, cond_drop, rank, alpha, learning_rate, steps, batch_size,
+              resolution, seed, precision, gradient_checkpointing, unique_id=None):
+        import torch
+
+        from redifine_core.lora import save_lora
+        from redifine_core.training import TrainConfig, finetune_lora
+
+        from redifine_core.report import plot_losses
+
+        from .common import pils_to_tensor
+
+        path = lora_path(lora_name)  # checked before any work
+        config = TrainConfig(steps=int(steps), learning_rate=float(learning_rate), rank=int(rank), alpha=float(alpha),
+                             cond_drop=float(cond_drop), batch_size=int(batch_size),
+                             resolution=int(resolution) or None, mixed_precision=precision,
+                             gradient_checkpointing=bool(gradient_checkpointing), seed=int(seed))
+        with torch.inference_mode(False), comfy_cancellation():
+            result = finetune_lora(pipeline, dataset, config, progress=ProgressAdapter(unique_id, phases=("train",)),
+                                   cancel=ComfyCancel())
+            if _comfy.processing_interrupted():  # cancelled after the last step: still leave no file
+                _comfy.raise_interrupted()
+            save_lora(result.lora, path, layout="kohya")
+        curve = pils_to_tensor([plot_losses(result.losses, title=f"{os.path.basename(path)}: training loss")])
+        return (result.lora, os.path.basename(path), curve)
