@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -120,15 +121,21 @@ def luminance(image: np.ndarray) -> np.ndarray:
 # =================================================================================================================
 
 
+@lru_cache(maxsize=8)
 def _hann2d(h: int, w: int) -> np.ndarray:
-    return np.outer(np.hanning(h), np.hanning(w))
+    out = np.outer(np.hanning(h), np.hanning(w))
+    out.setflags(write=False)
+    return out
 
 
+@lru_cache(maxsize=8)
 def _radius(h: int, w: int) -> np.ndarray:
-    """Radial frequency (cycles/pixel) of each FFT bin."""
+    """Radial frequency (cycles/pixel) of each FFT bin (cached per shape, read-only)."""
     fy = np.fft.fftfreq(h)[:, None]
     fx = np.fft.fftfreq(w)[None, :]
-    return np.sqrt(fx * fx + fy * fy)
+    out = np.sqrt(fx * fx + fy * fy)
+    out.setflags(write=False)
+    return out
 
 
 def power_spectrum(lum: np.ndarray) -> np.ndarray:
@@ -139,9 +146,9 @@ def power_spectrum(lum: np.ndarray) -> np.ndarray:
     return (f.real * f.real + f.imag * f.imag)
 
 
-def hf_share_one(lum: np.ndarray, cutoff: float = HF_CUTOFF) -> float:
-    """Share of non-DC spectral power above ``cutoff`` cycles/pixel (0 for a flat image)."""
-    p = power_spectrum(lum)
+def hf_share_one(lum: np.ndarray, cutoff: float = HF_CUTOFF, p: Optional[np.ndarray] = None) -> float:
+    """Share of non-DC spectral power above ``cutoff`` cycles/pixel (0 for a flat image); ``p``: a precomputed spectrum."""
+    p = power_spectrum(lum) if p is None else p
     r = _radius(*lum.shape)
     total = p[r > 0].sum()
     if total <= 1e-20:
@@ -149,10 +156,10 @@ def hf_share_one(lum: np.ndarray, cutoff: float = HF_CUTOFF) -> float:
     return float(p[r > cutoff].sum() / total)
 
 
-def spectral_slope_one(lum: np.ndarray) -> float:
+def spectral_slope_one(lum: np.ndarray, p: Optional[np.ndarray] = None) -> float:
     """Slope of log10(radially averaged power) vs log10(frequency), bins SLOPE_MIN_BIN..Nyquist (0 for a flat image)."""
     h, w = lum.shape
-    p = power_spectrum(lum)
+    p = power_spectrum(lum) if p is None else p
     r = _radius(h, w)
     side = min(h, w)
     k = np.rint(r * side).astype(np.int64)  # bin index in units of 1/side cycles/pixel
@@ -178,8 +185,9 @@ def laplacian_var_one(lum: np.ndarray) -> float:
 
 def saturation_map(image: np.ndarray) -> np.ndarray:
     """HSV saturation (max - min) / max per pixel; 0 where max == 0."""
-    mx = image.max(axis=-1)
-    mn = image.min(axis=-1)
+    r, g, b = image[..., 0], image[..., 1], image[..., 2]
+    mx = np.maximum(np.maximum(r, g), b)
+    mn = np.minimum(np.minimum(r, g), b)
     return np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-12), 0.0)
 
 
@@ -206,7 +214,9 @@ def _area_resize(x: np.ndarray, out: int) -> np.ndarray:
     return np.array([[x[a:b, c:d].mean() for (c, d) in xs] for (a, b) in ys])
 
 
-def handcrafted_features_one(image: np.ndarray) -> np.ndarray:
+def handcrafted_features_one(
+    image: np.ndarray, lum: Optional[np.ndarray] = None, p: Optional[np.ndarray] = None, sat: Optional[np.ndarray] = None
+) -> np.ndarray:
     """The handcrafted-v1 feature vector of one image [H, W, 3] in [0, 1] (135 dims, deterministic, no weights).
 
     Blocks (each a probability vector mapped to its square root, so each block has unit L2 norm and the Euclidean
@@ -216,6 +226,7 @@ def handcrafted_features_one(image: np.ndarray) -> np.ndarray:
       3. spectral band energies: share of luminance power per octave band OCTAVE_EDGES (7 dims);
       4. gradient orientation histogram: 8 unsigned orientation bins weighted by gradient magnitude (8 dims);
     plus 5. downsampled luminance: 8x8 area-averaged luminance thumbnail scaled by 1/8 (64 dims, L2 norm <= 1).
+    ``lum``, ``p`` and ``sat`` may be passed in when already computed (luminance, power spectrum, saturation map).
     """
     img = np.asarray(image, dtype=np.float64)
     blocks: list[np.ndarray] = []
@@ -226,11 +237,11 @@ def handcrafted_features_one(image: np.ndarray) -> np.ndarray:
         hists.append(np.sqrt(hcount / max(hcount.sum(), 1)))
     blocks.append(np.concatenate(hists) / math.sqrt(3.0))
     # 2. saturation histogram
-    scount, _ = np.histogram(saturation_map(img), bins=SATURATION_BINS, range=(0.0, 1.0))
+    scount, _ = np.histogram(saturation_map(img) if sat is None else sat, bins=SATURATION_BINS, range=(0.0, 1.0))
     blocks.append(np.sqrt(scount / max(scount.sum(), 1)))
     # 3. spectral band energies
-    lum = luminance(img)
-    p = power_spectrum(lum)
+    lum = luminance(img) if lum is None else lum
+    p = power_spectrum(lum) if p is None else p
     r = _radius(*lum.shape)
     nz = r > 0
     total = p[nz].sum()
@@ -281,8 +292,13 @@ def image_statistics(images: ImagesLike, cancel: Optional[CancelFlag] = None) ->
     over the set; clipped_fraction and the colour means/stds pool every pixel of the set; diversity is the mean
     pairwise distance between the images' handcrafted-v1 feature vectors.
     """
-    arr = as_image_array(images)
-    per: dict[str, list[float]] = {k: [] for k in ("hf_share", "spectral_slope", "laplacian_var", "saturation", "colourfulness", "contrast")}
+    return _statistics_and_features(as_image_array(images), cancel)[0]
+
+
+def _statistics_and_features(arr: np.ndarray, cancel: Optional[CancelFlag]) -> tuple[dict[str, float], np.ndarray]:
+    """image_statistics of a validated batch, plus its handcrafted-v1 features (computed once, shared)."""
+    names = ("hf_share", "spectral_slope", "laplacian_var", "saturation", "colourfulness", "contrast")
+    per: dict[str, list[float]] = {k: [] for k in names}
     feats = []
     clipped = 0
     csum = np.zeros(3)
@@ -291,16 +307,19 @@ def image_statistics(images: ImagesLike, cancel: Optional[CancelFlag] = None) ->
         check_cancel(cancel)
         img64 = img.astype(np.float64)
         lum = luminance(img64)
-        per["hf_share"].append(hf_share_one(lum))
-        per["spectral_slope"].append(spectral_slope_one(lum))
+        p = power_spectrum(lum)
+        sat = saturation_map(img64)
+        per["hf_share"].append(hf_share_one(lum, p=p))
+        per["spectral_slope"].append(spectral_slope_one(lum, p=p))
         per["laplacian_var"].append(laplacian_var_one(lum))
-        per["saturation"].append(float(saturation_map(img64).mean()))
+        per["saturation"].append(float(sat.mean()))
         per["colourfulness"].append(colourfulness_one(img64))
         per["contrast"].append(float(lum.std()))
         clipped += int(np.count_nonzero((img <= CLIP_LOW) | (img >= CLIP_HIGH)))
-        csum += img64.reshape(-1, 3).sum(axis=0)
-        csq += (img64.reshape(-1, 3) ** 2).sum(axis=0)
-        feats.append(handcrafted_features_one(img64))
+        flat = img64.reshape(-1, 3)
+        csum += flat.sum(axis=0)
+        csq += np.einsum("ij,ij->j", flat, flat)
+        feats.append(handcrafted_features_one(img64, lum=lum, p=p, sat=sat))
     n_pix = arr.shape[0] * arr.shape[1] * arr.shape[2]
     mean = csum / n_pix
     std = np.sqrt(np.maximum(csq / n_pix - mean * mean, 0.0))
@@ -311,8 +330,9 @@ def image_statistics(images: ImagesLike, cancel: Optional[CancelFlag] = None) ->
     for i, c in enumerate("rgb"):
         out[f"std_{c}"] = float(std[i])
     out["std_rgb"] = float(std.mean())
-    out["diversity"] = mean_pairwise_distance(np.stack(feats))
-    return out
+    feats_arr = np.stack(feats)
+    out["diversity"] = mean_pairwise_distance(feats_arr)
+    return out, feats_arr
 
 
 # =================================================================================================================
@@ -646,9 +666,10 @@ def set_metrics(
         step += 1
         report(progress, ProgressEvent(phase="metrics", step=step, total=total, message=msg))
 
-    out: dict[str, Union[float, str]] = dict(image_statistics(gen, cancel=cancel))
+    stats, gen_handcrafted = _statistics_and_features(gen, cancel)
+    out: dict[str, Union[float, str]] = dict(stats)
     tick("image statistics")
-    fg = extractor(gen, cancel=cancel)
+    fg = gen_handcrafted if type(extractor) is FeatureExtractor else extractor(gen, cancel=cancel)
     tick("features of the generated set")
     fr = extractor(ref, cancel=cancel)
     tick("features of the reference set")
