@@ -1,0 +1,336 @@
+"""Node-layer unit tests that run without ComfyUI: node shapes, validation messages, schedule patch math, names."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_pack():
+    """Import the repo root as ComfyUI does: spec_from_file_location on __init__.py under a path-derived name."""
+    name = "redifine_pack_under_test"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py",
+                                                  submodule_search_locations=[str(REPO)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+PACK = _load_pack()
+MAPPINGS = PACK.NODE_CLASS_MAPPINGS
+common = sys.modules[PACK.__name__ + ".nodes.common"]
+cfg_schedule = sys.modules[PACK.__name__ + ".nodes.cfg_schedule"]
+chain_mod = sys.modules[PACK.__name__ + ".nodes.chain"]
+train_mod = sys.modules[PACK.__name__ + ".nodes.train"]
+native_mod = sys.modules[PACK.__name__ + ".nodes.native"]
+comfy_mod = sys.modules[PACK.__name__ + ".nodes._comfy"]
+metrics_mod = sys.modules[PACK.__name__ + ".nodes.metrics"]
+
+# The public contract: saved workflows store node ids and widget values by input order.
+INPUT_ORDER = {
+    "ReDiFineLoadPipeline": ["model", "precision"],
+    "ReDiFineDataset": ["source", "folder", "toy_count", "toy_seed", "default_caption", "captions", "images"],
+    "ReDiFineTrainLoRA": ["pipeline", "dataset", "lora_name", "cond_drop", "rank", "alpha", "learning_rate", "steps",
+                          "batch_size", "resolution", "seed", "precision", "gradient_checkpointing"],
+    "ReDiFineGenerate": ["pipeline", "prompts", "schedule", "steps", "sampler", "seed", "width", "height",
+                         "negative_prompt", "lora_scale", "lora"],
+    "ReDiFineCFGScheduleModel": ["model", "schedule", "iteration"],
+    "ReDiFinePlotSchedule": ["schedules", "steps"],
+    "ReDiFineChain": ["pipeline", "dataset", "run_name", "iterations", "methods", "steps", "sampler",
+                      "images_per_caption", "seed", "replicates", "train_steps", "rank", "learning_rate", "batch_size",
+                      "resolution", "protocol", "resume"],
+    "ReDiFineCollapseMetrics": ["reference", "generated", "features"],
+    "ReDiFinePipelineToNative": ["pipeline"],
+}
+
+
+def test_root_package_exports_every_node_with_display_name():
+    assert set(MAPPINGS) == set(INPUT_ORDER)
+    assert set(PACK.NODE_DISPLAY_NAME_MAPPINGS) == set(MAPPINGS)
+    assert all(k.startswith("ReDiFine") for k in MAPPINGS)
+    # ComfyUI's own top-level "nodes" module must never be shadowed by ours
+    assert "nodes" not in sys.modules or not str(getattr(sys.modules["nodes"], "__file__", "")).startswith(str(REPO))
+
+
+@pytest.mark.parametrize("node_id", sorted(INPUT_ORDER))
+def test_node_shape_tooltips_and_order(node_id):
+    cls = MAPPINGS[node_id]
+    spec = cls.INPUT_TYPES()
+    assert set(spec) <= {"required", "optional", "hidden"}
+    order = list(spec["required"]) + list(spec.get("optional", {}))
+    assert order == INPUT_ORDER[node_id]
+    for section in ("required", "optional"):
+        for name, entry in spec.get(section, {}).items():
+            assert isinstance(entry, tuple) and 1 <= len(entry) <= 2, name
+            opts = entry[1] if len(entry) > 1 else {}
+            assert opts.get("tooltip", "").strip(), f"{node_id}.{name} has no tooltip"
+            if isinstance(entry[0], list):
+                assert entry[0], f"{node_id}.{name}: empty combo"
+                if "default" in opts:
+                    assert opts["default"] in entry[0]
+    assert isinstance(cls.RETURN_TYPES, tuple) and cls.RETURN_TYPES
+    assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES)
+    assert all(t.strip() for t in cls.OUTPUT_TOOLTIPS)
+    assert len(cls.DESCRIPTION) > 40
+    assert cls.CATEGORY.startswith("ReDiFine")
+    fn = getattr(cls, cls.FUNCTION)
+    params = list(inspect.signature(fn).parameters)[1:]
+    for name in INPUT_ORDER[node_id]:
+        assert name in params, f"{node_id}.{cls.FUNCTION} does not take {name}"
+    v = getattr(cls, "VALIDATE_INPUTS", None)
+    if v is not None:  # ComfyUI passes only declared inputs by name
+        assert set(inspect.signature(v).parameters) <= set(order)
+
+
+def test_train_validation_messages():
+    v = MAPPINGS["ReDiFineTrainLoRA"].VALIDATE_INPUTS
+    ok = dict(lora_name="my_lora", cond_drop=0.1, rank=4, alpha=4.0, learning_rate=1e-4, steps=10, batch_size=2,
+              resolution=0, precision="no")
+    assert v(**ok) is True
+    assert "'..'" in v(**{**ok, "lora_name": "..evil"})
+    assert "path separators" in v(**{**ok, "lora_name": "../../etc/x"})
+    assert "path separators" in v(**{**ok, "lora_name": "sub\\x"})
+    assert "non-empty" in v(**{**ok, "lora_name": "  "})
+    msg = v(**{**ok, "cond_drop": 1.5})
+    assert "cond_drop=1.5" in msg and "between 0 and 1" in msg
+    assert "multiple of 8" in v(**{**ok, "resolution": 30})
+    assert "precision" in v(**{**ok, "precision": "fp8"})
+    # a linked widget arrives as None at validation time and must not be rejected
+    assert v(**{**ok, "lora_name": None, "cond_drop": None}) is True
+
+
+def test_schedule_validation_in_generate_patch_and_plot():
+    gen = MAPPINGS["ReDiFineGenerate"].VALIDATE_INPUTS
+    assert gen(prompts="a cat", schedule="redifine", steps=10, width=0, height=0) is True
+    msg = gen(prompts="a cat", schedule="exp(7.5, 1", steps=10, width=0, height=0)
+    assert msg is not True and msg.startswith("schedule='exp(7.5, 1'")
+    assert "prompts is empty" in gen(prompts=" \n ", schedule="7", steps=10, width=0, height=0)
+    assert "steps=0" in gen(prompts="a", schedule="7", steps=0, width=0, height=0)
+    patch = MAPPINGS["ReDiFineCFGScheduleModel"].VALIDATE_INPUTS
+    assert patch(schedule="linear(7.5, 1)", iteration=0) is True
+    assert "nosuchpreset" in patch(schedule="nosuchpreset", iteration=0)
+    plot = MAPPINGS["ReDiFinePlotSchedule"].VALIDATE_INPUTS
+    assert plot(schedules="7.5\nredifine", steps=10) is True
+    assert "line 2" in plot(schedules="7.5\nlinear(7.5,", steps=10)
+
+
+class _FakeGuider:
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+
+class _FakeExecutor:
+    """Stands in for ComfyUI's WrapperExecutor: records the guider's cfg at each model call."""
+
+    def __init__(self, guider):
+        self.class_obj = guider
+        self.seen = []
+
+    def __call__(self, x, timestep, model_options, seed):
+        self.seen.append(self.class_obj.cfg)
+        return x
+
+
+def test_step_index_handles_intermediate_sigmas_and_ends():
+    sigmas = [14.6, 7.0, 3.0, 1.0, 0.0]  # 4 steps
+    assert [cfg_schedule.step_index(s, sigmas) for s in sigmas[:-1]] == [0, 1, 2, 3]
+    assert cfg_schedule.step_index(5.0, sigmas) == 1  # a second-order evaluation between steps 1 and 2
+    assert cfg_schedule.step_index(7.0 * (1 - 1e-6), sigmas) == 1  # float noise around a step's own sigma
+    assert cfg_schedule.step_index(0.0, sigmas) == 3  # never past the last step
+    assert cfg_schedule.step_index(20.0, sigmas) == 0
+    assert cfg_schedule.step_progress(3.0, sigmas) == pytest.approx(2 / 3)
+    assert cfg_schedule.step_progress(3.0, [3.0, 0.0]) == 0.0
+
+
+def test_wrapper_sets_cfg_per_step_from_schedule_and_restores_it():
+    from redifine_core.guidance import parse_schedule
+
+    sched = parse_schedule("linear(9, 1)")
+    sigmas = torch.tensor([10.0, 6.0, 3.0, 1.0, 0.5, 0.0])  # 5 steps, as in transformer_options["sample_sigmas"]
+    wrapper = cfg_schedule.make_wrapper(lambda p: sched.scale(p, 0))
+    guider = _FakeGuider(4.0)
+    ex = _FakeExecutor(guider)
+    opts = {"transformer_options": {"sample_sigmas": sigmas}}
+    for s in sigmas[:-1]:
+        wrapper(ex, torch.zeros(1), torch.tensor([float(s)]), opts, 0)
+        assert guider.cfg == 4.0  # restored after every call
+    assert ex.seen == pytest.approx(sched.values(5))
+    assert ex.seen[0] == pytest.approx(9.0) and ex.seen[-1] == pytest.approx(1.0)
+    # denoise < 1: ComfyUI passes only the tail of the sigmas, and the schedule spans that run
+    ex2 = _FakeExecutor(guider)
+    tail = {"transformer_options": {"sample_sigmas": sigmas[2:]}}
+    for s in sigmas[2:-1]:
+        wrapper(ex2, torch.zeros(1), torch.tensor([float(s)]), tail, 0)
+    assert ex2.seen == pytest.approx(sched.values(3))
+
+
+def test_wrapper_restores_cfg_when_the_model_call_fails():
+    wrapper = cfg_schedule.make_wrapper(lambda p: 1.0)
+    guider = _FakeGuider(7.0)
+
+    class Boom(_FakeExecutor):
+        def __call__(self, *a):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        wrapper(Boom(guider), torch.zeros(1), torch.tensor([1.0]), {"transformer_options": {}}, 0)
+    assert guider.cfg == 7.0
+
+
+def test_patch_clones_and_replaces_its_own_wrapper(monkeypatch):
+    class WrappersMP:
+        PREDICT_NOISE = "predict_noise"
+
+    class FakePE:
+        pass
+
+    FakePE.WrappersMP = WrappersMP
+
+    class FakeModel:
+        def __init__(self, wrappers=None):
+            self.wrappers = wrappers or {}
+
+        def clone(self):
+            return FakeModel({k: {kk: list(vv) for kk, vv in v.items()} for k, v in self.wrappers.items()})
+
+        def remove_wrappers_with_key(self, t, key):
+            self.wrappers.get(t, {}).pop(key, None)
+
+        def add_wrapper_with_key(self, t, key, fn):
+            self.wrappers.setdefault(t, {}).setdefault(key, []).append(fn)
+
+    monkeypatch.setattr(comfy_mod, "patcher_extension", lambda: FakePE)
+    node = MAPPINGS["ReDiFineCFGScheduleModel"]()
+    base = FakeModel()
+    (m1,) = node.patch(base, "3", 0)
+    (m2,) = node.patch(m1, "5", 0)
+    assert base.wrappers == {}
+    assert len(m1.wrappers["predict_noise"][cfg_schedule.WRAPPER_KEY]) == 1
+    (w,) = m2.wrappers["predict_noise"][cfg_schedule.WRAPPER_KEY]
+    ex = _FakeExecutor(_FakeGuider(1.0))
+    w(ex, torch.zeros(1), torch.tensor([1.0]), {"transformer_options": {"sample_sigmas": torch.tensor([1.0, 0.0])}}, 0)
+    assert ex.seen == [5.0]
+
+
+def test_names_and_paths_cannot_escape(tmp_path):
+    assert common.safe_name(" my lora_v1.2 ") == "my lora_v1.2"
+    for bad in ("../x", "a/b", "..", "", "x" * 101, ".hidden", "a\\b"):
+        with pytest.raises(ValueError):
+            common.safe_name(bad)
+    root = tmp_path / "root"
+    root.mkdir()
+    assert common.path_inside(str(root), "a.safetensors") == str(root.resolve() / "a.safetensors")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, root / "link")
+    with pytest.raises(ValueError, match="outside"):
+        common.path_inside(str(root), "link", "x.safetensors")
+    with pytest.raises(ValueError):
+        common.path_inside(str(root), "..", "x")
+
+
+def test_lora_path_lands_in_the_loras_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(comfy_mod, "loras_directory", lambda: str(tmp_path))
+    assert train_mod.lora_path("toy") == str(tmp_path.resolve() / "toy.safetensors")
+    assert train_mod.lora_path("toy.safetensors") == str(tmp_path.resolve() / "toy.safetensors")
+    with pytest.raises(ValueError):
+        train_mod.lora_path("../toy")
+
+
+def test_method_lines():
+    p = chain_mod.parse_method_line
+    assert p("baseline 7.5") == {"kind": "baseline", "cfg": 7.5, "name": "baseline-w7.5"}
+    assert p("low: baseline cfg=1.5") == {"kind": "baseline", "cfg": 1.5, "name": "low"}
+    assert p("redifine") == {"kind": "redifine", "name": "redifine"}
+    assert p("rd2: redifine cond_drop=0.2 schedule=keys(0:7, 1:1)") == {
+        "kind": "redifine", "cond_drop": 0.2, "schedule": "keys(0:7, 1:1)", "name": "rd2"}
+    c = p("custom schedule=interval(7.5, 0.2, 0.8) cond_drop=0", 2)
+    assert c == {"kind": "custom", "schedule": "interval(7.5, 0.2, 0.8)", "cond_drop": 0.0, "name": "custom3"}
+    for bad, why in (("baseline", "needs its CFG"), ("custom cond_drop=0.1", "needs schedule"),
+                     ("redifine cond_drop=2", "between 0 and 1"), ("warp 3", "start with one of"),
+                     ("baseline 7 cond_drop=0.1", "without condition drop"), ("custom schedule=lin(", "schedule")):
+        with pytest.raises(ValueError, match=why):
+            p(bad)
+    with pytest.raises(ValueError, match="twice"):
+        chain_mod.parse_methods("baseline 7\nbaseline 7")
+    v = MAPPINGS["ReDiFineChain"].VALIDATE_INPUTS
+    assert v(run_name="ok", methods="baseline 2\nredifine", iterations=2, protocol="restart") is True
+    assert "path separators" in v(run_name="a/b", methods="redifine", iterations=2, protocol="restart")
+    assert "method line 1" in v(run_name="ok", methods="nonsense", iterations=2, protocol="restart")
+
+
+def test_cancelled_core_becomes_an_interrupt_and_other_errors_pass():
+    from redifine_core.progress import Cancelled
+
+    interrupt = comfy_mod.interrupt_exception_type()
+    with pytest.raises(interrupt):
+        with common.comfy_cancellation():
+            raise Cancelled("stop")
+    with pytest.raises(KeyError):
+        with common.comfy_cancellation():
+            raise KeyError("other")
+    assert common.ComfyCancel().is_set() is False  # no ComfyUI: never interrupted
+
+
+def test_any_type_matches_every_socket_type():
+    assert not (common.ANY != "MODEL") and not (common.ANY != ["a.safetensors"])
+    assert str(common.ANY) == "*"
+
+
+def test_ldm_unet_config_for_the_toy_layout():
+    from redifine_core.toy.model_config import UNET_CONFIG
+
+    cfg = native_mod.ldm_unet_config(dict(UNET_CONFIG))
+    # down: DownBlock2D, CrossAttn, CrossAttn with one resnet each; up mirrors it with two+one resnets per level
+    assert cfg["transformer_depth"] == [0, 1, 1]
+    assert sorted(cfg["transformer_depth_output"]) == [0, 0, 1, 1, 1, 1]
+    assert cfg["transformer_depth_output"][:2] == [0, 0]  # ComfyUI pops from the end: shallowest level first
+    assert cfg["model_channels"] == UNET_CONFIG["block_out_channels"][0]
+    assert cfg["channel_mult"] == [c // cfg["model_channels"] for c in UNET_CONFIG["block_out_channels"]]
+    assert cfg["context_dim"] == UNET_CONFIG["cross_attention_dim"]
+    with pytest.raises(ValueError, match="SD1.x-layout"):
+        native_mod.ldm_unet_config({**UNET_CONFIG, "use_linear_projection": True})
+
+
+def test_metrics_table_lists_both_sets():
+    t = metrics_mod.metrics_table({"saturation": 0.2, "features": "x"}, {"saturation": 0.3, "features": "hand"})
+    assert "saturation" in t and "+50%" in t and "hand" in t
+
+
+def test_plot_schedule_node_returns_an_image_batch():
+    (img,) = MAPPINGS["ReDiFinePlotSchedule"]().plot("7.5\nredifine", 10)
+    assert img.ndim == 4 and img.shape[0] == 1 and img.shape[-1] == 3
+    assert 0.0 <= float(img.min()) and float(img.max()) <= 1.0
+
+
+def test_generate_node_runs_the_core_on_a_tiny_pipeline(tiny_sd):
+    from redifine_core.models import Pipeline
+
+    pipe = Pipeline.from_diffusers(tiny_sd)
+    node = MAPPINGS["ReDiFineGenerate"]()
+    (images,) = node.generate(pipe, "a red circle on a blue background\n\na blue square on a red background", "1",
+                              2, "ddim", 3, 0, 0, "", 1.0)
+    assert images.shape[0] == 2 and images.shape[-1] == 3 and images.dtype == torch.float32
+    (again,) = node.generate(pipe, "a blue square on a red background", "1", 2, "ddim", 4, 0, 0, "", 1.0)
+    assert torch.allclose(again[0], images[1], atol=1e-4)  # image i uses seed + i (batching changes only rounding)
+
+
+def test_dataset_node_builds_from_an_image_batch():
+    node = MAPPINGS["ReDiFineDataset"]()
+    imgs = torch.rand(3, 16, 16, 3)
+    ds, batch, n = node.build("images", "(none)", 1, 0, "", "one caption\n", images=imgs)
+    assert n == 3 and list(ds.captions) == ["one caption"] * 3
+    assert batch.shape == (3, 16, 16, 3) and torch.allclose(batch, imgs, atol=1 / 255)
+    with pytest.raises(ValueError, match="2 lines for 3 images"):
+        node.build("images", "(none)", 1, 0, "", "a\nb", images=imgs)
