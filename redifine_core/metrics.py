@@ -33,7 +33,7 @@ VERDICTS = ("stable", "drifting to blur", "drifting to over-guidance")
 HF_CUTOFF = 0.25
 """Radial frequency (cycles/pixel; Nyquist = 0.5) above which spectral energy counts as high-frequency."""
 SLOPE_MIN_BIN = 2
-"""First radial bin (in units of 1/min(H, W) cycles/pixel) used by the spectral-slope fit; bin 1 carries window leakage."""
+"""First radial bin (units of 1/min(H, W) cycles/pixel) used by the spectral-slope fit; bin 1 has window leakage."""
 CLIP_LOW = 1.0 / 255.0
 CLIP_HIGH = 254.0 / 255.0
 """A channel value <= CLIP_LOW or >= CLIP_HIGH counts as clipped."""
@@ -97,7 +97,9 @@ def as_image_array(images: ImagesLike, name: str = "images") -> np.ndarray:
     if arr.shape[0] < 1:
         raise ValueError(f"{name}: empty set (N = 0); at least one image is needed")
     if arr.shape[1] < MIN_SIDE or arr.shape[2] < MIN_SIDE:
-        raise ValueError(f"{name}: images of {arr.shape[1]}x{arr.shape[2]} px are too small; both sides must be >= {MIN_SIDE}")
+        raise ValueError(
+            f"{name}: images of {arr.shape[1]}x{arr.shape[2]} px are too small; both sides must be >= {MIN_SIDE}"
+        )
     if arr.dtype == np.uint8:
         return arr.astype(np.float32) / 255.0
     if not np.issubdtype(arr.dtype, np.floating):
@@ -147,7 +149,7 @@ def power_spectrum(lum: np.ndarray) -> np.ndarray:
 
 
 def hf_share_one(lum: np.ndarray, cutoff: float = HF_CUTOFF, p: Optional[np.ndarray] = None) -> float:
-    """Share of non-DC spectral power above ``cutoff`` cycles/pixel (0 for a flat image); ``p``: a precomputed spectrum."""
+    """Share of non-DC power above ``cutoff`` cycles/pixel (0 for a flat image); ``p``: a precomputed spectrum."""
     p = power_spectrum(lum) if p is None else p
     r = _radius(*lum.shape)
     total = p[r > 0].sum()
@@ -215,7 +217,10 @@ def _area_resize(x: np.ndarray, out: int) -> np.ndarray:
 
 
 def handcrafted_features_one(
-    image: np.ndarray, lum: Optional[np.ndarray] = None, p: Optional[np.ndarray] = None, sat: Optional[np.ndarray] = None
+    image: np.ndarray,
+    lum: Optional[np.ndarray] = None,
+    p: Optional[np.ndarray] = None,
+    sat: Optional[np.ndarray] = None,
 ) -> np.ndarray:
     """The handcrafted-v1 feature vector of one image [H, W, 3] in [0, 1] (135 dims, deterministic, no weights).
 
@@ -492,7 +497,9 @@ def _build_inception(num_classes: int, fid_layout: bool):  # pragma: no cover - 
     import torch.nn.functional as F
     from torchvision.models import inception as tvi
 
-    model = tvi.inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=num_classes, transform_input=False)
+    model = tvi.inception_v3(
+        weights=None, aux_logits=False, init_weights=False, num_classes=num_classes, transform_input=False
+    )
     if not fid_layout:
         return model
 
@@ -509,7 +516,8 @@ def _build_inception(num_classes: int, fid_layout: bool):  # pragma: no cover - 
             b1 = self.branch1x1(x)
             b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
             bd = x
-            for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+            for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                          self.branch7x7dbl_5):
                 bd = layer(bd)
             bp = self.branch_pool(F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False))
             return torch.cat([b1, b7, bd, bp], 1)
@@ -596,13 +604,17 @@ def clip_score(
     arr = as_image_array(images)
     captions = list(captions)
     if len(captions) != arr.shape[0]:
-        raise ValueError(f"captions: {len(captions)} captions for {arr.shape[0]} images; they must be aligned one to one")
+        raise ValueError(
+            f"captions: {len(captions)} captions for {arr.shape[0]} images; they must be aligned one to one"
+        )
     from transformers import AutoTokenizer, CLIPModel
 
     model = CLIPModel.from_pretrained(str(folder), local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     size = int(model.config.vision_config.image_size)
-    max_len = min(int(getattr(tok, "model_max_length", 77) or 77), int(model.config.text_config.max_position_embeddings))
+    max_len = min(
+        int(getattr(tok, "model_max_length", 77) or 77), int(model.config.text_config.max_position_embeddings)
+    )
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 
@@ -620,7 +632,9 @@ def clip_score(
             x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
             top, left = (nh - size) // 2, (nw - size) // 2
             x = (x[..., top : top + size, left : left + size] - mean) / std
-            t = tok(captions[i : i + batch_size], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+            t = tok(
+                captions[i : i + batch_size], padding=True, truncation=True, max_length=max_len, return_tensors="pt"
+            )
             ie = _emb(model.get_image_features(pixel_values=x))
             te = _emb(model.get_text_features(input_ids=t["input_ids"], attention_mask=t.get("attention_mask")))
             cos = F.cosine_similarity(ie.float(), te.float(), dim=-1)
@@ -764,9 +778,11 @@ def verdict(current: Mapping[str, Any], baseline: Mapping[str, Any]) -> Verdict:
     if v is not None:
         d = v[0] - v[1]
         if d <= -SLOPE_STEEPER:
-            blur.append(([f"spectral_slope {d:+.2f}, steeper, vs iteration 0 ({v[1]:.2f} -> {v[0]:.2f})"], -d / SLOPE_STEEPER))
+            text = f"spectral_slope {d:+.2f}, steeper, vs iteration 0 ({v[1]:.2f} -> {v[0]:.2f})"
+            blur.append(([text], -d / SLOPE_STEEPER))
         elif d >= SLOPE_FLATTER:
-            over.append(([f"spectral_slope {d:+.2f}, flatter, vs iteration 0 ({v[1]:.2f} -> {v[0]:.2f})"], d / SLOPE_FLATTER))
+            text = f"spectral_slope {d:+.2f}, flatter, vs iteration 0 ({v[1]:.2f} -> {v[0]:.2f})"
+            over.append(([text], d / SLOPE_FLATTER))
     for name, thr in (("saturation", SATURATION_RISE), ("colourfulness", COLOURFULNESS_RISE)):
         v = get(name)
         if v is not None:
@@ -776,7 +792,8 @@ def verdict(current: Mapping[str, Any], baseline: Mapping[str, Any]) -> Verdict:
     v = get("clipped_fraction")
     if v is not None and v[0] - v[1] >= CLIPPED_RISE:
         d = v[0] - v[1]
-        over.append(([f"clipped_fraction {d * 100:+.1f} points vs iteration 0 ({v[1]:.1%} -> {v[0]:.1%})"], d / CLIPPED_RISE))
+        text = f"clipped_fraction {d * 100:+.1f} points vs iteration 0 ({v[1]:.1%} -> {v[0]:.1%})"
+        over.append(([text], d / CLIPPED_RISE))
 
     nb, no = len(blur), len(over)
     flat = lambda signs: [t for texts, _ in signs for t in texts]  # noqa: E731

@@ -2,7 +2,8 @@
 
 CONTRACT (filled in by issue 3):
 
-    def render_report(run_dir) -> Path     # writes metrics.csv, curves.png, grid_<method>.png, report.html; returns report.html
+    def render_report(run_dir) -> Path     # writes metrics.csv, curves.png, grid_<method>.png, report.html;
+                                           # returns report.html's path
     def plot_schedule(schedules: Sequence[str], steps: int, path=None) -> PIL.Image.Image
 
 Also ``plot_losses(losses, path=None)`` (the training-loss curve shown by the ComfyUI train node) and
@@ -60,7 +61,7 @@ VERDICT_COLOURS = {"stable": "#2e7d32", "drifting to blur": "#1565c0", "drifting
 GRID_ROWS = 4
 """How many caption indices (rows) a grid_<method>.png shows at most, spread evenly over the dataset."""
 TILE = 128
-"""Grid tile size in pixels: larger images are downscaled (Lanczos), smaller ones upscaled by whole factors (nearest)."""
+"""Grid tile size in pixels: larger images are downscaled (Lanczos), smaller ones upscaled by whole factors."""
 PAD = 4
 HEADER = 24
 ROW_LABEL_W = 150
@@ -184,7 +185,9 @@ def read_run(run_dir: PathLike) -> RunData:
     ref = _read_json(root / "reference" / "metrics.json", problems)
     ref_metrics = {}
     if isinstance(ref, dict) and isinstance(ref.get("metrics"), dict):
-        ref_metrics = {k: float(v) for k, v in ref["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        ref_metrics = {
+            k: float(v) for k, v in ref["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
     return RunData(root, run, methods, sorted(seeds), iterations, records, ref_metrics, problems)
 
 
@@ -271,7 +274,8 @@ def plot_curves(data: RunData, path: Optional[PathLike] = None) -> Image.Image:
     fig.suptitle(f"metrics per iteration{seeds_note}", y=0.005, va="bottom", fontsize=9, color="0.3")
     # a fixed layout: tight_layout costs seconds per render on a busy CPU and gains little on this regular grid
     fh, fw = fig.get_figheight(), fig.get_figwidth()
-    fig.subplots_adjust(left=0.75 / fw, right=1 - 0.2 / fw, bottom=0.75 / fh, top=1 - 0.75 / fh, wspace=0.3, hspace=0.55)
+    fig.subplots_adjust(left=0.75 / fw, right=1 - 0.2 / fw, bottom=0.75 / fh, top=1 - 0.75 / fh,
+                        wspace=0.3, hspace=0.55)
     return _save(_fig_to_image(fig), path)
 
 
@@ -522,7 +526,8 @@ def metrics_csv_text(data: RunData) -> str:
     for r in _sorted_records(data):
         v = r.verdict or {}
         w.writerow(
-            [r.method, r.seed, r.iteration, int(r.done), v.get("label", ""), "; ".join(map(str, v.get("reasons", []))), r.features]
+            [r.method, r.seed, r.iteration, int(r.done), v.get("label", ""),
+             "; ".join(map(str, v.get("reasons", []))), r.features]
             + [repr(r.metrics[c]) if c in r.metrics else "" for c in cols]
         )
     return buf.getvalue()
@@ -583,11 +588,15 @@ def _features_note(features: set[str]) -> str:
 
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1700px}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,Helvetica,Arial,sans-serif;margin:24px;color:#222;
+max-width:1700px}
 h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:4px}
-table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#f5f5f5}.v{display:inline-block;padding:2px 8px;border-radius:10px;color:#fff;font-weight:600;white-space:nowrap}
-.v-pending{background:#bdbdbd;color:#333}.note{background:#fff8e1;border:1px solid #ffcc80;padding:8px 12px;border-radius:6px}
+table{border-collapse:collapse;font-size:13px}
+td,th{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f5f5f5}
+.v{display:inline-block;padding:2px 8px;border-radius:10px;color:#fff;font-weight:600;white-space:nowrap}
+.v-pending{background:#bdbdbd;color:#333}
+.note{background:#fff8e1;border:1px solid #ffcc80;padding:8px 12px;border-radius:6px}
 .problem{background:#ffebee;border:1px solid #ef9a9a;padding:8px 12px;border-radius:6px}
 img{max-width:100%;height:auto;border:1px solid #eee}pre{background:#f7f7f7;padding:10px;overflow:auto;font-size:12px}
 .reasons{font-size:12px;color:#444;margin:2px 0 0 0;padding-left:16px}
@@ -620,7 +629,8 @@ def _verdict_table(data: RunData) -> str:
                 extra = "" if r.done else " <small>(not marked DONE)</small>"
                 shown = [x for x in reasons if label != "stable"] if label in VERDICTS else reasons
                 lst = "".join(f"<li>{html.escape(x)}</li>" for x in shown[:3])
-                cells.append(f"<td>{_verdict_span(label, reasons)}{extra}" + (f'<ul class="reasons">{lst}</ul>' if lst else "") + "</td>")
+                ul = f'<ul class="reasons">{lst}</ul>' if lst else ""
+                cells.append(f"<td>{_verdict_span(label, reasons)}{extra}{ul}</td>")
             rows.append(f"<tr><td><b>{html.escape(m)}</b></td><td>{'' if s is None else s}</td>{''.join(cells)}</tr>")
     legend = " ".join(_verdict_span(v, []) for v in VERDICTS) + " " + _verdict_span("pending", [])
     return (
@@ -652,7 +662,8 @@ def render_report(run_dir: PathLike) -> Path:
     for key in ("created", "updated"):
         if data.run.get(key):
             meta.append(f"{key} {html.escape(str(data.run[key]))}")
-    parts.append(f"<p>status: <b>{html.escape(data.status)}</b>" + (" · " + " · ".join(meta) if meta else "") + "</p>")
+    meta_text = " · " + " · ".join(meta) if meta else ""
+    parts.append(f"<p>status: <b>{html.escape(data.status)}</b>{meta_text}</p>")
     note = _partial_note(data)
     if note:
         parts.append(f'<p class="note">{html.escape(note)}</p>')
@@ -666,7 +677,8 @@ def render_report(run_dir: PathLike) -> Path:
     parts.append("<h2>Images</h2>")
     if grids:
         parts.append("<p>Columns: your image (D0), then the image generated from the same caption at each iteration "
-                     "(first image per caption, one seed). Nearest-neighbour upscaling keeps small images unblurred.</p>")
+                     "(first image per caption, one seed). Nearest-neighbour upscaling keeps small images "
+                     "unblurred.</p>")
         for m, p in grids:
             seed = _grid_seed(data, m)
             parts.append(f"<h3>{html.escape(m)}{'' if seed is None else f' (seed {seed})'}</h3>")
@@ -677,7 +689,8 @@ def render_report(run_dir: PathLike) -> Path:
     if not feats and data.run.get("features"):
         feats = {str(data.run["features"])}
     parts.append("<h2>Feature set for FID/KID</h2>")
-    parts.append(f"<p><code>{html.escape(', '.join(sorted(feats)) or 'none yet')}</code>: {html.escape(_features_note(feats))}</p>")
+    feats_text = html.escape(", ".join(sorted(feats)) or "none yet")
+    parts.append(f"<p><code>{feats_text}</code>: {html.escape(_features_note(feats))}</p>")
     if data.reference_metrics:
         parts.append("<h3>Your images (D0)</h3><table><tr>" + "".join(
             f"<th>{html.escape(k)}</th>" for k in data.reference_metrics) + "</tr><tr>" + "".join(

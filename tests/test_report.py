@@ -88,7 +88,8 @@ def fake_run(tmp_path_factory):
 def test_render_writes_every_file(fake_run):
     root, html_path = fake_run
     assert html_path == root / "report.html"
-    for name in ("metrics.csv", "curves.png", "report.html", "grid_baseline-w1.png", "grid_baseline-w9.png", "grid_redifine.png"):
+    for name in ("metrics.csv", "curves.png", "report.html",
+                 "grid_baseline-w1.png", "grid_baseline-w9.png", "grid_redifine.png"):
         assert (root / name).is_file(), name
     assert not list(root.glob(".*.tmp"))  # atomic writes leave no temp files
 
@@ -100,7 +101,8 @@ def test_metrics_csv_rows_and_columns(fake_run):
     assert len(rows) == 2 * 2 * ITERATIONS + 2
     keys = {(r["method"], int(r["seed"]), int(r["iteration"])) for r in rows}
     assert ("redifine", 0, 1) in keys and ("baseline-w9", 1, 2) in keys
-    for col in ("verdict", "reasons", "done", "features", "fid_ref", "kid_ref", "fid_prev", "hf_share", "spectral_slope",
+    for col in ("verdict", "reasons", "done", "features", "fid_ref", "kid_ref", "fid_prev", "hf_share",
+                "spectral_slope",
                 "laplacian_var", "saturation", "colourfulness", "clipped_fraction", "diversity", "std_rgb"):
         assert col in rows[0], col
     by = {(r["method"], int(r["seed"]), int(r["iteration"])): r for r in rows}
@@ -138,7 +140,8 @@ def test_pngs_open_with_expected_sizes(fake_run):
     n_rows = min(R.GRID_ROWS, N_CAPTIONS)
     cols = 1 + ITERATIONS
     with Image.open(root / "grid_baseline-w1.png") as im:
-        assert im.size == (R.ROW_LABEL_W + cols * (R.TILE + R.PAD) + R.PAD, R.HEADER + n_rows * (R.TILE + R.PAD) + R.PAD)
+        assert im.size == (R.ROW_LABEL_W + cols * (R.TILE + R.PAD) + R.PAD,
+                           R.HEADER + n_rows * (R.TILE + R.PAD) + R.PAD)
         px = im.convert("RGB").getpixel((R.ROW_LABEL_W + R.PAD + R.TILE // 2, R.HEADER + R.PAD + R.TILE // 2))
         assert px == (255, 0, 0)  # row 0 = caption 0, column 0 = D0 (pure red)
     with Image.open(root / "grid_redifine.png") as im:
@@ -154,8 +157,8 @@ def test_complete_run_has_no_partial_note_and_reports_rerender(tmp_path):
     ref = shapes(3, size=16, seed=1)
     _save_set(root / "reference" / "images", ref, [f"{c:04d}.png" for c in range(3)])
     config = {"iterations": 1, "seeds": [5], "methods": [{"name": "m"}]}
-    (root / "run.json").write_text(json.dumps({"schema_version": 1, "status": "complete", "config": config, "seeds": [5],
-                                               "dataset": {"n": 3, "captions": ["a", "b", "c"]}}))
+    (root / "run.json").write_text(json.dumps({"schema_version": 1, "status": "complete", "config": config,
+                                               "seeds": [5], "dataset": {"n": 3, "captions": ["a", "b", "c"]}}))
     m = _write_iteration(root, "m", 5, 0, shapes(3, size=16, seed=2), ref, ref, None)
     assert m["fid_ref"] > 0
     text = R.render_report(root).read_text()
