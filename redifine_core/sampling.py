@@ -108,21 +108,11 @@ def guidance_values(schedule: ScheduleLike, n: int, iteration: int = 0) -> list[
     ``schedule`` is a number (constant w), a schedule spec string (parsed by ``guidance.parse_schedule``), or an
     object with ``at_iteration(i)`` and ``values(n)`` (a ``guidance.Schedule``).
     """
-    if isinstance(schedule, bool):
-        raise ValueError(f"schedule={schedule!r} must be a number, a schedule string or a Schedule")
-    if isinstance(schedule, str):
-        try:
-            schedule = float(schedule)
-        except ValueError:
-            pass
-    if isinstance(schedule, (int, float)):
-        values = [float(schedule)] * n
-    else:
-        if not (hasattr(schedule, "at_iteration") and hasattr(schedule, "values")):
-            from .guidance import parse_schedule
+    if not (hasattr(schedule, "at_iteration") and hasattr(schedule, "values")):
+        from .guidance import parse_schedule
 
-            schedule = parse_schedule(schedule)
-        values = [float(v) for v in schedule.at_iteration(iteration).values(n)]
+        schedule = parse_schedule(schedule)
+    values = [float(v) for v in schedule.at_iteration(iteration).values(n)]
     if len(values) != n or not all(math.isfinite(v) for v in values):
         raise ValueError(f"schedule {schedule!r} gave {values!r}; expected {n} finite guidance scales")
     return values
