@@ -81,6 +81,10 @@ class ComfyServer:
             "    diffusers: models/diffusers\n"
         )
         self.log_path = self.tmp / "comfyui.log"
+        settings = self.tmp / "user" / "default" / "comfy.settings.json"  # no first-run template dialog in tests
+        settings.parent.mkdir(parents=True, exist_ok=True)
+        settings.write_text(json.dumps({"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False,
+                                        "LiteGraph.Canvas.MinFontSizeForLOD": 1}))
 
     @property
     def loras(self) -> Path:
@@ -194,7 +198,7 @@ class ComfyServer:
 
 
 def load_workflow(name: str, api: bool = True) -> dict:
-    path = REPO / "workflows" / (f"{name}.api.json" if api else f"{name}.json")
+    path = REPO / "workflows" / (f"api/{name}.api.json" if api else f"{name}.json")
     return json.loads(path.read_text())
 
 

@@ -1,0 +1,135 @@
+"""Drive the real ComfyUI frontend in headless Chromium (run with a Python that has playwright).
+
+    python frontend_script.py check   URL WORKFLOW_DIR SHOT_DIR   -> JSON report on stdout, screenshots in SHOT_DIR
+    python frontend_script.py convert URL WORKFLOW_DIR             -> (maintainer tool) rebuild UI workflows from
+                                                                       workflows/api/*.api.json + notes.json
+
+``check`` loads every UI workflow the way a user's "Open" does (``app.loadGraphData``) and reports, per workflow, the
+node types the frontend does not know and every node's widget values by name, for the test to compare with the
+workflow's API twin. Only the system Chromium is used (never a downloaded browser).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage"]
+
+WIDGETS_JS = """() => app.graph._nodes.map(n => ({
+    id: String(n.id), type: n.type, title: n.title,
+    known: !!LiteGraph.registered_node_types[n.type],
+    widgets: Object.fromEntries((n.widgets || []).map(w => [w.name, w.value]))
+}))"""
+
+
+def _open(p, url):
+    browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+    page = browser.new_page(viewport={"width": 1600, "height": 900})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    page.wait_for_function("window.app && window.app.graph && window.LiteGraph && app.vueAppReady !== false",
+                           timeout=90000)
+    page.wait_for_timeout(1500)
+    page.keyboard.press("Escape")
+    return browser, page, errors
+
+
+def _strip_nulls(x, key=None):
+    """The frontend serialises unset fields as null, which its own schema then rejects on load: drop them."""
+    if isinstance(x, dict):
+        return {k: _strip_nulls(v, k) for k, v in x.items() if v is not None or k in ("link", "links")}
+    if isinstance(x, list):
+        return [_strip_nulls(v) for v in x]
+    return x
+
+
+FIT_JS = """() => {
+    const nodes = app.graph._nodes;
+    let x0 = 1e9, y0 = 1e9, x1 = -1e9, y1 = -1e9;
+    for (const n of nodes) {
+        x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1] - 30);
+        x1 = Math.max(x1, n.pos[0] + n.size[0]); y1 = Math.max(y1, n.pos[1] + n.size[1]);
+    }
+    const c = app.canvas.canvas, m = 40;
+    const s = Math.min((c.width / devicePixelRatio - 2 * m) / (x1 - x0), (c.height / devicePixelRatio - 2 * m - 60) / (y1 - y0), 1.2);
+    app.canvas.ds.scale = s;
+    app.canvas.ds.offset = [m / s - x0, (m + 60) / s - y0];
+    app.canvas.setDirty(true, true);
+}"""
+
+
+def check(url: str, wf_dir: Path, shot_dir: Path) -> dict:
+    from playwright.sync_api import sync_playwright
+
+    report = {}
+    shot_dir.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser, page, errors = _open(p, url)
+        for path in sorted(wf_dir.glob("*.json")):
+            wf = json.loads(path.read_text())
+            page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'check'); }", wf)
+            page.wait_for_timeout(800)
+            page.keyboard.press("Escape")
+            # a missing-node dialog names the unknown types; also look at the graph itself
+            dialog = page.locator("text=/missing node|not found/i").count()
+            invalid = page.locator("text=/Invalid workflow/i").count()
+            nodes = page.evaluate(WIDGETS_JS)
+            page.evaluate(FIT_JS)
+            page.wait_for_timeout(600)
+            page.screenshot(path=str(shot_dir / (path.stem + ".png")))
+            report[path.stem] = {"nodes": nodes, "missing_dialog": dialog, "invalid_alerts": invalid}
+            page.evaluate("() => document.querySelectorAll('.p-toast-message .p-toast-close-button')"
+                          ".forEach(b => b.click())")
+        report["_page_errors"] = errors
+        browser.close()
+    return report
+
+
+def convert(url: str, wf_dir: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    notes = json.loads((wf_dir / "api" / "notes.json").read_text())
+    layout = json.loads((wf_dir / "api" / "layout.json").read_text())
+    with sync_playwright() as p:
+        browser, page, _ = _open(p, url)
+        for api_path in sorted((wf_dir / "api").glob("*.api.json")):
+            name = api_path.name[: -len(".api.json")]
+            api = json.loads(api_path.read_text())
+            ui = page.evaluate("""async ([api, note, name, lay]) => {
+                await app.loadApiJson(api, name);
+                const g = app.graph;
+                for (const n of g._nodes) { if (lay[String(n.id)]) n.pos = lay[String(n.id)]; }
+                const nn = LiteGraph.createNode("Note");
+                nn.title = "About this workflow";
+                nn.widgets[0].value = note;
+                nn.pos = lay.note.slice(0, 2);
+                nn.size = lay.note.slice(2, 4);
+                g.add(nn);
+                for (const n of g._nodes) {
+                    for (const w of (n.widgets || [])) {
+                        if (w.name === "control_after_generate") w.value = "fixed";  // reproducible examples
+                    }
+                    if (n.type !== "Note" && n.type.startsWith("ReDiFine")) {
+                        n.properties = Object.assign({}, n.properties || {}, {cnr_id: "comfyui-redifine"});
+                    }
+                }
+                return g.serialize();
+            }""", [api, notes[name], name, layout[name]])
+            ui = _strip_nulls(ui)
+            (wf_dir / f"{name}.json").write_text(json.dumps(ui, indent=1) + "\n")
+        browser.close()
+
+
+if __name__ == "__main__":
+    mode, url, wf = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    if mode == "check":
+        print(json.dumps(check(url, wf, Path(sys.argv[4]))))
+    elif mode == "convert":
+        convert(url, wf)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
