@@ -190,7 +190,8 @@ def save_lora(lora: LoraWeights, path: PathLike, layout: str = "kohya") -> Path:
             adapter_md.update({f"{part}.{k}": v for k, v in cfg.items()})
         metadata["lora_adapter_metadata"] = json.dumps(adapter_md, sort_keys=True)
         metadata["format"] = "pt"
-    save_safetensors(path, tensors, metadata)
+    # own copies: tensors sharing storage (views, one tensor reused for several modules) cannot go to safetensors
+    save_safetensors(path, {k: v.detach().to("cpu").clone() for k, v in tensors.items()}, metadata)
     return path
 
 
