@@ -72,7 +72,7 @@ def check(url: str, wf_dir: Path, shot_dir: Path) -> dict:
         browser, page, errors = _open(p, url)
         for path in sorted(wf_dir.glob("*.json")):
             wf = json.loads(path.read_text())
-            page.evaluate("async (wf) => { await app.loadGraphData(wf, true, true, 'check'); }", wf)
+            page.evaluate("async (wf) => { await app.loadGraphData(wf[0], true, true, wf[1]); }", [wf, path.stem])
             page.wait_for_timeout(800)
             page.keyboard.press("Escape")
             # a missing-node dialog names the unknown types; also look at the graph itself
