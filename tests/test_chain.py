@@ -382,20 +382,26 @@ def tiny_dataset(n: int = 4, size: int = 32):
 
 @needs_real
 def test_real_tiny_chain_end_to_end(tiny_sd, tmp_path):
+    """The real modules: continue protocol (init_lora from the saved file), metrics per the schema, loadable files."""
     from redifine_core.lora import load_lora
     from redifine_core.models import Pipeline
 
     pipe = Pipeline.from_diffusers(tiny_sd)
-    cfg = ChainConfig(iterations=2, methods=(MethodConfig("b2", cfg=2.0), MethodConfig("rd", kind="redifine")),
+    cfg = ChainConfig(iterations=2, methods=(MethodConfig("rd", kind="redifine"),), protocol="continue",
                       train=TrainConfig(steps=2, batch_size=2), steps=2, seeds=(0,))
     res = run_chain(pipe, tiny_dataset(), cfg, tmp_path / "run", render=False)
-    assert res.status == "complete"
+    assert res.status == "complete" and len(res.verdicts["rd"][0]) == 2
     data = load_run(tmp_path / "run")
-    assert len(data["records"]) == 4
+    assert [(r["method"], r["iteration"]) for r in data["records"]] == [("rd", 0), ("rd", 1)]
+    assert data["features"] == data["records"][0]["features"] != "auto"  # the feature set actually used
+    loras = []
     for rec in data["records"]:
         assert {"fid_ref", "kid_ref", "fid_prev", "kid_prev", "hf_share"} <= set(rec["metrics"])
         assert all(np.isfinite(v) for v in rec["metrics"].values())
         d = Path(rec["dir"])
-        assert load_lora(d / "lora.safetensors").unet
+        loras.append(load_lora(d / "lora.safetensors"))
         with Image.open(d / "images" / "0000_00.png") as im:
             assert im.size == (32, 32)
+    # continue protocol: LoRA_1 started from LoRA_0, so it differs from it but has the same modules
+    assert sorted(loras[0].unet) == sorted(loras[1].unet)
+    assert any(not torch.equal(loras[0].unet[k], loras[1].unet[k]) for k in loras[0].unet)

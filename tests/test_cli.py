@@ -261,10 +261,6 @@ steps = 2
 steps = 2
 batch_size = 2
 [[methods]]
-name = "low"
-kind = "baseline"
-cfg = 1.5
-[[methods]]
 name = "rd"
 kind = "redifine"
 """)
@@ -273,10 +269,11 @@ kind = "redifine"
     out = capsys.readouterr().out
     assert rc == 0, out
     assert json.loads((run / "run.json").read_text())["status"] == "complete"
-    assert len(list(run.glob("*/seed_0/iter_*/DONE"))) == 4
-    assert "low seed 0:" in out and "rd seed 0:" in out
+    assert len(list(run.glob("*/seed_0/iter_*/DONE"))) == 2
+    assert "rd seed 0: stable -> " in out and (run / "report.html").exists()
     # a finished run resumes as a no-op
-    mtimes = {p: p.stat().st_mtime_ns for p in run.glob("*/seed_0/iter_*/*/*.png")}
-    assert len(mtimes) == 16
+    pngs = list(run.glob("*/seed_0/iter_*/images/*.png")) + list(run.glob("reference/images/*.png"))
+    mtimes = {p: p.stat().st_mtime_ns for p in pngs}
+    assert len(mtimes) == 8 + 4  # 2 iterations x 4 images + the 4 reference images
     assert cli.main(["chain", str(toml), "--out", str(run), "--resume", "--quiet"]) == 0
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
