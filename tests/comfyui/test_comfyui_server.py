@@ -135,6 +135,17 @@ def test_constant_schedule_is_exactly_the_unpatched_ksampler_and_second_order_wo
     assert min(with_uncond) > max(without)
 
 
+def test_native_model_and_clip_match_the_pipeline(server):
+    p = _prompt(server, "train_then_ksampler")
+    p = {k: p[k] for k in ("1", "4")}
+    p["40"] = {"class_type": "ReDiFineTestNativeParity", "inputs": {"pipeline": ["1", 0], "model": ["4", 0],
+                                                                    "clip": ["4", 1], "text": "a red circle on a blue background"}}
+    out = json.loads(server.run(p)["outputs"]["40"]["text"][0])
+    assert out["text_shape"] == out["ref_text_shape"]
+    assert out["text_diff"] < 1e-4
+    assert out["unet_diff"] < 1e-4 * max(1.0, out["unet_scale"])
+
+
 def test_schedule_explorer_workflow(server):
     p = _prompt(server, "schedule_explorer")
     for k in ("4", "5"):

@@ -29,4 +29,46 @@ class ReDiFineTestUncondProbe:
         return (m,)
 
 
-NODE_CLASS_MAPPINGS = {"ReDiFineTestUncondProbe": ReDiFineTestUncondProbe}
+class ReDiFineTestNativeParity:
+    """Max abs difference between the pipeline's own text encoder / UNet and the native CLIP / MODEL built from it."""
+
+    CATEGORY = "ReDiFine/testing"
+    FUNCTION = "check"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"pipeline": ("REDIFINE_PIPELINE",), "model": ("MODEL",), "clip": ("CLIP",),
+                             "text": ("STRING", {"default": "a red circle on a blue background"})}}
+
+    def check(self, pipeline, model, clip, text):
+        import torch
+
+        import comfy.model_management as mm
+
+        with torch.no_grad():
+            native_text = clip.encode_from_tokens(clip.tokenize(text)).float().cpu()
+            tok = pipeline.tokenizer
+            ids = tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids
+            dev = pipeline.unet.device
+            ref_text = pipeline.text_encoder(ids.to(dev))[0].float().cpu()
+            mm.load_models_gpu([model])
+            g = torch.Generator().manual_seed(0)
+            c = pipeline.unet.config
+            x = torch.randn(2, c.in_channels, c.sample_size, c.sample_size, generator=g)
+            t = torch.tensor([900.0, 100.0])
+            ctx = ref_text.expand(2, -1, -1)
+            ref = pipeline.unet(x.to(dev, pipeline.unet.dtype), t.to(dev), encoder_hidden_states=ctx.to(dev, pipeline.unet.dtype)).sample.float().cpu()
+            dm = model.model.diffusion_model
+            mdev = next(dm.parameters()).device
+            nat = dm(x.to(mdev), timesteps=t.to(mdev), context=ctx.to(mdev)).float().cpu()
+        out = {"text_shape": list(native_text.shape), "ref_text_shape": list(ref_text.shape),
+               "text_diff": float((native_text - ref_text).abs().max()) if native_text.shape == ref_text.shape else None,
+               "unet_diff": float((nat - ref).abs().max()), "unet_scale": float(ref.abs().max())}
+        return {"ui": {"text": [json.dumps(out)]}, "result": (json.dumps(out),)}
+
+
+NODE_CLASS_MAPPINGS = {"ReDiFineTestUncondProbe": ReDiFineTestUncondProbe,
+                       "ReDiFineTestNativeParity": ReDiFineTestNativeParity}
