@@ -279,14 +279,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = {"quick": args.quick}
     if args.seeds is not None:
         kwargs["seeds"] = tuple(args.seeds)
+    if args.resume:
+        kwargs["resume"] = True
     try:
         with _SigintCancel() as sig:
             result = run_demo(out, progress=progress, cancel=sig.token, **kwargs)
     except (Cancelled, KeyboardInterrupt):
         progress.close()
-        print(f"\ninterrupted: partial results are in {out}", file=sys.stderr)
+        print(f"\ninterrupted: the demo in {out} is resumable; continue it with:\n"
+              f"  redifine demo --out {args.out}{' --quick' if args.quick else ''}"
+              f"{' --seeds ' + ' '.join(map(str, args.seeds)) if args.seeds else ''} --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, FileExistsError) as e:
+    except FileExistsError:
+        progress.close()
+        _err("redifine demo", f"{str(out)!r} exists and is not empty; add --resume to continue it, or choose another --out")
+        return EXIT_USAGE
+    except ValueError as e:
         progress.close()
         _err("redifine demo", str(e).splitlines()[0] if str(e) else type(e).__name__)
         return EXIT_USAGE
@@ -413,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="output folder")
     d.add_argument("--quick", action="store_true", help="a smaller, faster demo")
     d.add_argument("--seeds", type=int, nargs="+", metavar="S", help="replicate seeds (default: the demo's)")
+    d.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
 
     r = add("report", "re-render the report of a finished or partial run", cmd_report)

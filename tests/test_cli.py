@@ -206,9 +206,11 @@ def test_ctrl_c_stops_cleanly_and_prints_resume(tmp_path, capsys, monkeypatch):
 def test_demo_calls_run_demo_and_prints_the_report(tmp_path, capsys, monkeypatch):
     calls = {}
 
-    def run_demo(out_dir, quick=False, seeds=(0,), progress=None, cancel=None):
-        calls.update(out=Path(out_dir), quick=quick, seeds=seeds)
-        Path(out_dir).mkdir(parents=True)
+    def run_demo(out_dir, quick=False, seeds=(0,), progress=None, cancel=None, resume=False):
+        if Path(out_dir).exists() and not resume:
+            raise FileExistsError(out_dir)
+        calls.update(out=Path(out_dir), quick=quick, seeds=seeds, resume=resume)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "report.html").write_text("<html></html>")
         return Path(out_dir) / "report.html"
 
@@ -216,8 +218,11 @@ def test_demo_calls_run_demo_and_prints_the_report(tmp_path, capsys, monkeypatch
     fake.run_demo = run_demo
     monkeypatch.setitem(sys.modules, "redifine_core.toy.demo", fake)
     assert cli.main(["demo", "--out", str(tmp_path / "d"), "--quick", "--seeds", "0", "1", "--quiet"]) == 0
-    assert calls == {"out": tmp_path / "d", "quick": True, "seeds": (0, 1)}
+    assert calls == {"out": tmp_path / "d", "quick": True, "seeds": (0, 1), "resume": False}
     assert f"report: {tmp_path / 'd' / 'report.html'}" in capsys.readouterr().out
+    assert cli.main(["demo", "--out", str(tmp_path / "d"), "--quiet"]) == 2
+    assert "--resume" in _one_line_error(capsys.readouterr().err)
+    assert cli.main(["demo", "--out", str(tmp_path / "d"), "--quiet", "--resume"]) == 0 and calls["resume"]
 
 
 def test_traits_plot(tmp_path, capsys):
