@@ -405,3 +405,25 @@ def test_real_tiny_chain_end_to_end(tiny_sd, tmp_path):
     # continue protocol: LoRA_1 started from LoRA_0, so it differs from it but has the same modules
     assert sorted(loras[0].unet) == sorted(loras[1].unet)
     assert any(not torch.equal(loras[0].unet[k], loras[1].unet[k]) for k in loras[0].unet)
+
+
+def test_a_failing_report_does_not_lose_the_run(tmp_path, monkeypatch, caplog):
+    import redifine_core.report as report_mod
+
+    rendered = []
+
+    def broken(run_dir):
+        rendered.append(Path(run_dir))
+        raise RuntimeError("matplotlib exploded")
+
+    monkeypatch.setattr(report_mod, "render_report", broken, raising=False)
+    res = run_chain(PIPE, _dataset(), _cfg(), tmp_path / "r", backend=FakeBackend().backend())
+    assert res.status == "complete" and res.report is None and rendered == [tmp_path / "r"]
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["status"] == "complete"
+    assert "matplotlib exploded" in caplog.text
+    # and on cancel the report is rendered too (a partial report), then Cancelled propagates
+    token = CancelToken()
+    with pytest.raises(Cancelled):
+        run_chain(PIPE, _dataset(), _cfg(), tmp_path / "c", cancel=token,
+                  backend=FakeBackend(cancel_at_generate=1, token=token).backend())
+    assert rendered[-1] == tmp_path / "c"
