@@ -76,6 +76,12 @@ class ProgressAdapter:
 
     def __call__(self, event: Any) -> None:
         self.events += 1
+        if _comfy.processing_interrupted():
+            # Raise the core's own Cancelled (not ComfyUI's exception from inside ProgressBar), so the core marks a
+            # chain "cancelled" (resumable); comfy_cancellation() turns it into InterruptProcessingException.
+            from redifine_core.progress import Cancelled
+
+            raise Cancelled("interrupted in ComfyUI")
         if self.phases is not None and getattr(event, "phase", None) not in self.phases:
             return
         total = max(1, int(getattr(event, "total", 1) or 1))
