@@ -298,6 +298,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         progress.close()
         _err("redifine demo", str(e).splitlines()[0] if str(e) else type(e).__name__)
         return EXIT_USAGE
+    except FileNotFoundError as e:  # e.g. the toy model weights are not built
+        progress.close()
+        _err("redifine demo", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return EXIT_FAILED
     progress.close()
     report_path = getattr(result, "report", None) or (result if isinstance(result, (str, Path)) else None)
     if report_path is None:
