@@ -320,7 +320,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     from .report import render_report
 
-    path = render_report(run)
+    try:
+        path = render_report(run)
+    except ValueError as e:
+        _err("redifine report", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return EXIT_USAGE
     print(f"report: {path}")
     return EXIT_OK
 
