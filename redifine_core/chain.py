@@ -584,6 +584,9 @@ def run_chain(
     dataset_info = {"n": len(captions), "captions": captions}
     run_json_path = run_dir / "run.json"
 
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run_dir={str(run_dir)!r} is a file, not a folder")
+    pipeline_info = {"source": str(getattr(pipeline, "source", "")), "kind": str(getattr(pipeline, "kind", ""))}
     if run_dir.exists() and any(run_dir.iterdir()):
         if not resume:
             raise FileExistsError(
@@ -593,10 +596,11 @@ def run_chain(
         if not run_json_path.exists():
             raise ValueError(f"cannot resume {str(run_dir)!r}: it has no run.json (not a chain run folder)")
         manifest = _read_json(run_json_path)
-        _check_resumable(manifest, cfg_dict, dataset_info, run_dir, reference)
+        _check_resumable(manifest, cfg_dict, dataset_info, pipeline_info, run_dir, reference)
         removed = clean_stale_temps(run_dir)
         if removed:
             log.info("removed %d stale temp file(s) from %s", removed, run_dir)
+        manifest.pop("error", None)
         manifest.update(status="running", updated=_now())
         manifest.setdefault("resumed", []).append(_now())
     else:
@@ -609,7 +613,7 @@ def run_chain(
             "created": _now(),
             "updated": _now(),
             "dataset": dataset_info,
-            "pipeline": {"source": str(getattr(pipeline, "source", "")), "kind": str(getattr(pipeline, "kind", ""))},
+            "pipeline": pipeline_info,
             "features": config.features,
             "size": [width, height],
         }
@@ -647,13 +651,24 @@ def _n_units(config: ChainConfig) -> int:
     return config.iterations * len(config.methods) * len(config.seeds)
 
 
-def _check_resumable(manifest: dict, cfg_dict: dict, dataset_info: dict, run_dir: Path,
+def _check_resumable(manifest: dict, cfg_dict: dict, dataset_info: dict, pipeline_info: dict, run_dir: Path,
                      reference: list[np.ndarray]) -> None:
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"cannot resume {str(run_dir)!r}: schema_version {manifest.get('schema_version')!r}, "
                          f"this version writes {SCHEMA_VERSION}")
-    stored = {"config": manifest.get("config"), "dataset": manifest.get("dataset")}
-    given = {"config": json.loads(json.dumps(cfg_dict)), "dataset": dataset_info}
+    stored_pipe = manifest.get("pipeline") or {}
+    stored = {"config": manifest.get("config"), "dataset": manifest.get("dataset"),
+              "pipeline": {"kind": stored_pipe.get("kind")}}
+    given = {"config": json.loads(json.dumps(cfg_dict)), "dataset": dataset_info,
+             "pipeline": {"kind": pipeline_info["kind"]}}
+    if stored_pipe.get("source") != pipeline_info["source"]:
+        log.warning("resuming %s with pipeline source %r (the run started with %r): make sure it is the same model",
+                    run_dir, pipeline_info["source"], stored_pipe.get("source"))
+    versions = _versions()
+    changed = sorted(k for k, v in (manifest.get("versions") or {}).items() if versions.get(k) != v)
+    if changed:
+        log.warning("resuming %s with other versions of %s: later iterations may not be bit-identical",
+                    run_dir, ", ".join(changed))
     diff = config_diff(stored, given)
     if diff:
         raise ValueError(

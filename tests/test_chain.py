@@ -6,7 +6,6 @@ the real tiny SD pipeline end to end.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -427,3 +426,23 @@ def test_a_failing_report_does_not_lose_the_run(tmp_path, monkeypatch, caplog):
         run_chain(PIPE, _dataset(), _cfg(), tmp_path / "c", cancel=token,
                   backend=FakeBackend(cancel_at_generate=1, token=token).backend())
     assert rendered[-1] == tmp_path / "c"
+
+
+def test_resume_refuses_another_kind_of_model_and_clears_a_failure(tmp_path):
+    run = tmp_path / "r"
+    b = FakeBackend().backend()
+    real_generate = b.generate
+
+    def fail(*a, **k):
+        raise RuntimeError("disk full")
+
+    b.generate = fail
+    with pytest.raises(RuntimeError):
+        run_chain(PIPE, _dataset(), _cfg(), run, backend=b, render=False)
+    sdxl = SimpleNamespace(default_size=16, source="fake", kind="sdxl")
+    with pytest.raises(ValueError, match="pipeline.kind"):
+        run_chain(sdxl, _dataset(), _cfg(), run, resume=True, backend=b, render=False)
+    b.generate = real_generate
+    assert run_chain(PIPE, _dataset(), _cfg(), run, resume=True, backend=b, render=False).status == "complete"
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["status"] == "complete" and "error" not in manifest

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from redifine_core import cli, datasets_hf
+from redifine_core import cli
 from redifine_core.datasets_hf import (
     KNOWN,
     DatasetUnavailable,
