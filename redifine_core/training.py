@@ -320,6 +320,10 @@ class LoraTrainer:
         self.prediction_type = pred
         self.num_train_timesteps = int(self.noise_scheduler.config.num_train_timesteps)
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device, torch.float32)
+        vae_cfg = pipeline.vae.config
+        self.latent_scale = float(vae_cfg.scaling_factor)
+        shift = getattr(vae_cfg, "shift_factor", None)
+        self.latent_shift = float(shift) if shift is not None else None
 
         s = _seeds(config.seed, 5)
         self.g_index = torch.Generator().manual_seed(s[0])
@@ -463,7 +467,8 @@ class LoraTrainer:
 
     def _prepare_text(self) -> None:
         uniq = list(dict.fromkeys(list(self.dataset.captions) + [""]))
-        self.caption_ids = torch.tensor([uniq.index(cap) for cap in self.dataset.captions])
+        self.caption_id_list = [uniq.index(cap) for cap in self.dataset.captions]
+        self.caption_ids = torch.tensor(self.caption_id_list)
         self.empty_id = uniq.index("")
         self.unique_captions = uniq
         # SDXL checkpoints flagged force_zeros_for_empty_prompt use a zero embedding as the unconditional input at
@@ -536,15 +541,13 @@ class LoraTrainer:
                 crops.append(torch.flip(cp, dims=[-1]) if flip[j] else cp)
                 offsets.append((top, left))
             mean, std = self._encode(torch.stack(crops))
-        vae_cfg = self.pipeline.vae.config
-        latents = mean + std * eps.to(dev)
-        shift = getattr(vae_cfg, "shift_factor", None)
-        if shift is not None:
-            latents = latents - shift
-        latents = latents * vae_cfg.scaling_factor
+        latents = torch.addcmul(mean, std, eps.to(dev, non_blocking=True))
+        if self.latent_shift is not None:
+            latents = latents - self.latent_shift
+        latents = latents * self.latent_scale
 
-        noise = noise.to(dev)
-        t = t.to(dev)
+        noise = noise.to(dev, non_blocking=True)
+        t = t.to(dev, non_blocking=True)
         noisy, target = noisy_and_target(self.alphas_cumprod, latents, noise, t, self.prediction_type)
 
         if self.train_te:
@@ -556,7 +559,9 @@ class LoraTrainer:
                 enc = enc * keep.view(-1, 1, 1).to(enc.dtype)
                 pooled = pooled * keep.view(-1, 1).to(pooled.dtype)
         else:
-            tid = torch.where(drop, torch.tensor(self.empty_id), self.caption_ids[idx]).to(dev)
+            drop_list = drop.tolist()
+            tid = torch.tensor([self.empty_id if d else self.caption_id_list[i] for d, i in zip(drop_list, idx)],
+                               device=dev)
             enc = self.text_cache[tid]
             pooled = self.pooled_cache[tid] if self.sdxl else None
         added = None
@@ -585,10 +590,10 @@ class LoraTrainer:
         indices: list[int] = []
         for _ in range(c.grad_accum):
             loss, idx, drop = self._micro_batch()
-            scaled = loss / c.grad_accum
+            scaled = loss / c.grad_accum if c.grad_accum > 1 else loss
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total += float(loss.detach())
-            drops.extend(bool(x) for x in drop)
+            drops.extend(drop.tolist())
             indices.extend(idx)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
