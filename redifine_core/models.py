@@ -229,7 +229,7 @@ def load_pipeline(
                 f"the toy model weights are missing ({TOY_MODEL_DIR / 'model_index.json'} does not exist); "
                 "build them with `python -m redifine_core.toy.train`"
             )
-        pipe = _load_diffusers_folder(TOY_MODEL_DIR, kind="toy", dtype=dtype, source="toy")
+        pipe = _load_diffusers_folder(TOY_MODEL_DIR, kind="toy", source="toy")
     else:
         path = Path(source).expanduser()
         if not path.exists():
@@ -243,7 +243,7 @@ def load_pipeline(
                     f"{path} is a folder without model_index.json; expected a diffusers pipeline folder "
                     "(StableDiffusionPipeline or StableDiffusionXLPipeline)"
                 )
-            pipe = _load_diffusers_folder(path, kind=None, dtype=dtype, source=str(path))
+            pipe = _load_diffusers_folder(path, kind=None, source=str(path))
         else:
             pipe = _load_single_file(path, dtype, tokenizer_dir, config_dir, prediction_type)
     if prediction_type is not None and pipe.prediction_type != prediction_type:
@@ -264,7 +264,7 @@ def _rebuild_scheduler(scheduler: Any, prediction_type: Optional[str] = None) ->
 # ------------------------------------------------------------------------------------------------ diffusers folder
 
 
-def _load_diffusers_folder(folder: Path, kind: Optional[str], dtype: torch.dtype, source: str) -> Pipeline:
+def _load_diffusers_folder(folder: Path, kind: Optional[str], source: str) -> Pipeline:
     """A diffusers folder through ``from_pretrained(local_files_only=True, use_safetensors=True)``."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -273,7 +273,7 @@ def _load_diffusers_folder(folder: Path, kind: Optional[str], dtype: torch.dtype
     except (OSError, ValueError) as exc:
         raise ValueError(f"{folder / 'model_index.json'} is not readable JSON: {exc}") from exc
     class_name = index.get("_class_name")
-    kwargs: dict[str, Any] = dict(local_files_only=True, use_safetensors=True, torch_dtype=dtype)
+    kwargs: dict[str, Any] = dict(local_files_only=True, use_safetensors=True)  # cast later by Pipeline.to
     if class_name == "StableDiffusionPipeline":
         cls = StableDiffusionPipeline
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -350,3 +350,14 @@ def test_diffusers_folder_of_another_pipeline_class(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     with pytest.raises(ValueError, match="FluxPipeline.*StableDiffusionPipeline"):
         load_pipeline(tmp_path)
+
+
+@pytest.mark.skipif(not (models.TOY_MODEL_DIR / "model_index.json").is_file(), reason="toy weights not built")
+def test_bundled_toy_model_loads_and_samples():
+    from redifine_core.sampling import generate
+
+    pipe = load_pipeline("toy", device="cpu")
+    assert pipe.kind == "toy" and pipe.default_size == 32 and not pipe.is_sdxl
+    assert pipe.tokenizer.model_max_length == pipe.text_encoder.config.max_position_embeddings
+    images = generate(pipe, "a red circle on a blue background", 5.0, steps=2, seeds=0)
+    assert tuple(images.shape) == (1, 32, 32, 3) and 0.0 <= float(images.min()) <= float(images.max()) <= 1.0
