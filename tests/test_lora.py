@@ -306,3 +306,38 @@ def test_comfyui_loads_every_key_of_our_kohya_file(tmp_path):
     assert result["not_loaded"] == []
     assert result["patches"] == 128 + 48  # one patch per trained module
     assert result["alphas"] == [8.0]  # ComfyUI scales by alpha / rank = lora_alpha / r, as peft did
+
+
+def test_sdxl_round_trip_with_both_text_encoders(tiny_sdxl, tmp_path):
+    p = Pipeline.from_diffusers(tiny_sdxl)
+    g = torch.Generator().manual_seed(5)
+    ds = CaptionedImages.from_images(torch.rand(2, 32, 32, 3, generator=g), ["a red circle", "a cat"])
+    x, t = torch.randn(1, 4, 16, 16, generator=g), torch.tensor([300])
+    emb, pooled = torch.randn(1, 77, 64, generator=g), torch.randn(1, 32, generator=g)
+    ids = torch.tensor([[8.0, 8.0, 0.0, 0.0, 32.0, 32.0]])
+    tok = p.tokenizer_2(["a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+
+    def outs():
+        with torch.no_grad():
+            u = p.unet(x, t, encoder_hidden_states=emb, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+            return u, p.text_encoder_2(tok)[0]
+
+    base = outs()
+    cfg = TrainConfig(steps=2, batch_size=2, rank=2, alpha=3.0, learning_rate=2e-2, target=("attention", "text_encoder"))
+    with torch.enable_grad(), LoraTrainer(p, ds, cfg) as tr:
+        for _ in range(2):
+            tr.step()
+        lora = tr.lora_weights()
+        trained = outs()
+    assert (trained[1] - base[1]).abs().max() > 1e-5
+    path = save_lora(lora, tmp_path / "xl.safetensors")
+    with safe_open(str(path), framework="pt") as fh:
+        prefixes = {k.split("_text_model")[0] for k in fh.keys() if k.startswith("lora_te")}
+    assert prefixes == {"lora_te1", "lora_te2"}
+    back = load_lora(path)
+    assert back.text_encoder.keys() == lora.text_encoder.keys()
+    assert back.text_encoder_2.keys() == lora.text_encoder_2.keys()
+    with lora_applied(p, back):
+        got = outs()
+    assert all((a - b).abs().max() <= 1e-5 for a, b in zip(got, trained))
+    assert all(torch.equal(a, b) for a, b in zip(outs(), base))
