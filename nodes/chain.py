@@ -107,6 +107,58 @@ def final_verdicts(run_dir: str) -> list[str]:
     return out
 
 
+class ChainProgress(ProgressAdapter):
+    """One steady bar for the whole chain: each (method, seed, iteration) unit is split into training (60%),
+    sampling (35%) and metrics (5%), filled from the nested events; after sampling, the unit's first new image is
+    shown as the preview."""
+
+    SPANS = {"train": (0.0, 0.60), "sample": (0.60, 0.95), "metrics": (0.95, 1.0)}
+    RESOLUTION = 1000
+
+    def __init__(self, node_id, run_dir: str):
+        super().__init__(node_id)
+        self.run_dir = run_dir
+        self.unit = 0
+        self.total = 1
+
+    def __call__(self, event) -> None:
+        self.events += 1
+        if _comfy.processing_interrupted():
+            from redifine_core.progress import Cancelled
+
+            raise Cancelled("interrupted in ComfyUI")
+        extra = getattr(event, "extra", None) or {}
+        preview = None
+        if event.phase == "chain":
+            self.unit, self.total = int(event.step), max(1, int(event.total))
+            stage = str(event.message).rsplit(": ", 1)[-1]
+            frac = {"sampling": self.SPANS["sample"][0], "metrics": self.SPANS["metrics"][0]}.get(stage, 0.0)
+            if stage == "metrics":
+                preview = self._newest_image(extra)
+        else:
+            lo, hi = self.SPANS.get(event.phase, (0.0, 1.0))
+            frac = lo + (hi - lo) * min(1.0, int(event.step) / max(1, int(event.total or 1)))
+            self.unit = int(extra.get("unit", self.unit))
+        if self._bar is None:
+            self._bar = _comfy.progress_bar(self.RESOLUTION, self.node_id)
+        if self._bar is not None:
+            value = int(self.RESOLUTION * min(1.0, (self.unit + frac) / self.total))
+            self._last = max(value, getattr(self, "_last", 0))  # never move backwards
+            self._bar.update_absolute(self._last, self.RESOLUTION, preview)
+
+    def _newest_image(self, ctx: dict):
+        try:
+            from PIL import Image
+
+            d = os.path.join(self.run_dir, str(ctx["method"]), f"seed_{int(ctx['seed'])}",
+                             f"iter_{int(ctx['iteration']):03d}", "images")
+            first = sorted(f for f in os.listdir(d) if f.endswith(".png"))[0]
+            with Image.open(os.path.join(d, first)) as im:
+                return ("JPEG", im.convert("RGB").resize((256, 256), Image.NEAREST), 256)
+        except Exception:  # a preview is a nicety; never let it break the run
+            return None
+
+
 def _load_images(paths):
     from PIL import Image
 
@@ -220,7 +272,7 @@ class ReDiFineChain:
             seeds=tuple(int(seed) + i for i in range(int(replicates))), protocol=protocol, width=size, height=size,
         )
         with torch.inference_mode(False), comfy_cancellation():
-            run_chain(pipeline, dataset, config, run_dir, progress=ProgressAdapter(unique_id), cancel=ComfyCancel(),
+            run_chain(pipeline, dataset, config, run_dir, progress=ChainProgress(unique_id, run_dir), cancel=ComfyCancel(),
                       resume=bool(resume) and os.path.exists(os.path.join(run_dir, "run.json")))
             render_report(run_dir)
         grids = sorted(glob.glob(os.path.join(run_dir, "grid_*.png")))

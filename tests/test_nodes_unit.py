@@ -334,3 +334,36 @@ def test_dataset_node_builds_from_an_image_batch():
     assert batch.shape == (3, 16, 16, 3) and torch.allclose(batch, imgs, atol=1 / 255)
     with pytest.raises(ValueError, match="2 lines for 3 images"):
         node.build("images", "(none)", 1, 0, "", "a\nb", images=imgs)
+
+
+def test_chain_progress_is_one_steady_bar_with_a_preview(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from redifine_core.progress import ProgressEvent
+
+    calls = []
+
+    class Bar:
+        def update_absolute(self, value, total, preview=None):
+            calls.append((value, total, preview))
+
+    monkeypatch.setattr(comfy_mod, "progress_bar", lambda total, node_id=None: Bar())
+    img_dir = tmp_path / "m" / "seed_0" / "iter_000" / "images"
+    img_dir.mkdir(parents=True)
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(img_dir / "0000_00.png")
+    prog = chain_mod.ChainProgress("7", str(tmp_path))
+    ctx = {"unit": 0, "method": "m", "seed": 0, "iteration": 0}
+    prog(ProgressEvent("chain", 0, 2, message="m: training", extra=dict(ctx)))
+    for s in (1, 2):
+        prog(ProgressEvent("train", s, 2, extra=dict(ctx)))
+    for s in (1, 2):
+        prog(ProgressEvent("sample", s, 2, extra=dict(ctx)))
+    prog(ProgressEvent("chain", 0, 2, message="m: metrics", extra=dict(ctx)))
+    prog(ProgressEvent("metrics", 1, 1, extra=dict(ctx)))
+    prog(ProgressEvent("chain", 1, 2, message="m: stable", extra=dict(ctx)))
+    values = [v for v, _, _ in calls]
+    assert all(t == chain_mod.ChainProgress.RESOLUTION for _, t, _ in calls)
+    assert values[2] == 300 and values[4] == 475 and values[-1] == 500  # train 60%, sample 35% of unit 1 of 2
+    assert values == sorted(values)
+    previews = [p for _, _, p in calls if p is not None]
+    assert len(previews) == 1 and previews[0][0] == "JPEG" and previews[0][1].getpixel((0, 0)) == (255, 0, 0)
