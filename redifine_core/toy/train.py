@@ -182,6 +182,7 @@ def train(cfg: ToyTrainConfig, out: Path, workdir: Path, minutes: float | None =
     from tqdm.auto import tqdm
 
     t_start = time.time()
+    out, workdir = Path(out), Path(workdir)
     torch.manual_seed(cfg.seed)
     ckpt = _Checkpoint(workdir)
     images, captions, _ = generate(cfg.n_images, cfg.seed, mc.IMAGE_SIZE, cfg.grain)
