@@ -58,8 +58,11 @@ def to_rgb8(img: Image.Image) -> Image.Image:
 
 
 def _array_to_image(arr: np.ndarray, what: str) -> Image.Image:
-    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
-        arr = np.moveaxis(arr, 0, -1)  # CHW -> HWC
+    # CHW -> HWC. HWC (the ComfyUI layout) wins when ambiguous, except that a leading 3 is read as RGB channels.
+    if arr.ndim == 3 and arr.shape[-1] != 3 and (
+        arr.shape[0] == 3 or (arr.shape[0] in (1, 4) and arr.shape[-1] not in (1, 4))
+    ):
+        arr = np.moveaxis(arr, 0, -1)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))):
