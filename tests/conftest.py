@@ -11,7 +11,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tiny models gain nothing from more threads, and a shared machine makes them much slower (measured 5-20x).
+torch.set_num_threads(int(os.environ.get("REDIFINE_TEST_THREADS", "1")))
 
 
 @pytest.fixture(autouse=True)
