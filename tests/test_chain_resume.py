@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 def _kill_run(run: Path, at: str) -> None:
     env = dict(os.environ, REDIFINE_TEST_KILL_AT=at)  # same BLAS threading as this process: exact numbers
     args = [sys.executable, str(HERE / "chain_resume_helper.py"), str(run)] + (["--resume"] if run.exists() else [])
-    r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == -9, f"expected SIGKILL at {at}, got {r.returncode}: {r.stderr[-2000:]}"
 
 
@@ -73,10 +73,17 @@ def _assert_same(a: dict, b: dict) -> None:
             assert a[k] == b[k], k  # metrics: exact numbers
 
 
-def test_sigkill_at_several_points_then_resume_is_exact(tmp_path):
+@pytest.fixture
+def threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_sigkill_at_several_points_then_resume_is_exact(tmp_path, threads):
     from redifine_core.chain import run_chain
 
-    torch.set_num_threads(THREADS)
     pipe, ds, cfg = make_inputs()
     ref = tmp_path / "ref"
     run_chain(pipe, ds, cfg, ref, render=False)
