@@ -90,6 +90,31 @@ def check(url: str, wf_dir: Path, shot_dir: Path) -> dict:
     return report
 
 
+def run_shots(url: str, wf_dir: Path, shot_dir: Path, names: list[str]) -> None:
+    """(maintainer tool) Open, queue and run each workflow in the browser, then screenshot it with its outputs."""
+    from playwright.sync_api import sync_playwright
+
+    shot_dir.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser, page, _ = _open(p, url)
+        for name in names:
+            wf = json.loads((wf_dir / f"{name}.json").read_text())
+            page.evaluate("async (a) => { await app.loadGraphData(a[0], true, true, a[1]); }", [wf, name])
+            page.wait_for_timeout(500)
+            page.evaluate("async () => { await app.queuePrompt(0, 1); }")
+            page.wait_for_timeout(2000)
+            for _ in range(600):
+                q = page.evaluate("async () => await (await fetch('/queue')).json()")
+                if not q["queue_running"] and not q["queue_pending"]:
+                    break
+                page.wait_for_timeout(1000)
+            page.wait_for_timeout(2500)
+            page.evaluate(FIT_JS)
+            page.wait_for_timeout(800)
+            page.screenshot(path=str(shot_dir / f"{name}_run.png"))
+        browser.close()
+
+
 def convert(url: str, wf_dir: Path) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -103,7 +128,10 @@ def convert(url: str, wf_dir: Path) -> None:
             ui = page.evaluate("""async ([api, note, name, lay]) => {
                 await app.loadApiJson(api, name);
                 const g = app.graph;
-                for (const n of g._nodes) { if (lay[String(n.id)]) n.pos = lay[String(n.id)]; }
+                for (const n of g._nodes) {
+                    const l = lay[String(n.id)];
+                    if (l) { n.pos = l.slice(0, 2); if (l.length === 4) n.size = l.slice(2, 4); }
+                }
                 const nn = LiteGraph.createNode("Note");
                 nn.title = "About this workflow";
                 nn.widgets[0].value = note;
@@ -129,6 +157,8 @@ if __name__ == "__main__":
     mode, url, wf = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     if mode == "check":
         print(json.dumps(check(url, wf, Path(sys.argv[4]))))
+    elif mode == "run":
+        run_shots(url, wf, Path(sys.argv[4]), sys.argv[5:])
     elif mode == "convert":
         convert(url, wf)
     else:
