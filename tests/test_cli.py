@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from redifine_core import chain as chain_mod
@@ -244,8 +245,17 @@ def _real_ready() -> bool:
     return True
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: the fastest on a shared CPU (results do not matter here, only the run)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.mark.skipif(not _real_ready(), reason="models/sampling not landed")
-def test_tiny_chain_end_to_end(tiny_sd_dir, tmp_path, capsys):
+def test_tiny_chain_end_to_end(one_thread, tiny_sd_dir, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
     rng = np.random.default_rng(0)
