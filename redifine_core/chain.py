@@ -283,8 +283,12 @@ class ChainConfig:
         if not _is_number(self.lora_scale) or not 0.0 <= float(self.lora_scale) <= 10.0:
             raise ValueError(f"lora_scale={self.lora_scale!r} must be a number in [0, 10]")
         object.__setattr__(self, "lora_scale", float(self.lora_scale))
-        if not isinstance(self.features, str) or not self.features:
-            raise ValueError(f"features={self.features!r} must be a non-empty string (e.g. 'auto')")
+        if not isinstance(self.features, str) or not (
+            self.features in ("auto", "handcrafted", "handcrafted-v1")
+            or self.features.startswith("inception:") or self.features.endswith(".safetensors")
+        ):
+            raise ValueError(f"features={self.features!r} is not allowed; use 'auto', 'handcrafted', "
+                             "'inception:<file.safetensors>' or a path to a local Inception .safetensors file")
 
     # ---- dict round trip (used by run.json and the TOML loader)
     def to_dict(self) -> dict:

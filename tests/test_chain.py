@@ -75,6 +75,7 @@ def _cfg(**kw):
         (dict(width=30), "width"),
         (dict(train=TrainConfig(cond_drop=0.3)), "cond_drop"),
         (dict(train={"steps": 3}), "train"),
+        (dict(features="clip"), "features"),
     ],
 )
 def test_chain_config_rejects_bad_values_naming_the_field(kw, needle):
