@@ -10,8 +10,10 @@ For a real SD1.x/SDXL checkpoint use CheckpointLoaderSimple instead.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -97,6 +99,7 @@ def _tokenizer_dir(pipe) -> str:
     if d and os.path.isdir(d):
         return d
     d = tempfile.mkdtemp(prefix="redifine_tok_")
+    atexit.register(shutil.rmtree, d, True)
     pipe.tokenizer.save_pretrained(d)
     try:
         pipe._redifine_comfy_tokenizer_dir = d

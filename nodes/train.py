@@ -16,6 +16,21 @@ def lora_filename(lora_name: str) -> str:
     return name if name.endswith(".safetensors") else name + ".safetensors"
 
 
+# path -> (mtime of the file this process wrote, the IS_CHANGED value of the run that wrote it)
+_WRITTEN: dict[str, tuple[int, str]] = {}
+
+
+def file_state(path: str) -> str:
+    """IS_CHANGED value: stable while the file is the one we wrote; new when it was deleted or replaced."""
+    mine = _WRITTEN.get(path)
+    if os.path.exists(path):
+        mtime = os.stat(path).st_mtime_ns
+        if mine is not None and mine[0] == mtime:
+            return mine[1]
+        return f"external-{mtime}"
+    return "missing" if mine is None else f"deleted-{mine[0]}"
+
+
 def lora_path(lora_name: str) -> str:
     """Where the LoRA is written: inside ComfyUI's first loras folder, never outside it."""
     return path_inside(_comfy.loras_directory(), lora_filename(lora_name))
@@ -92,12 +107,11 @@ class ReDiFineTrainLoRA:
 
     @classmethod
     def IS_CHANGED(cls, lora_name=None, **kwargs):
-        """Re-train when the saved file was deleted or replaced (otherwise ComfyUI reuses the cached result)."""
+        """Re-train only when the saved file was deleted or replaced (otherwise ComfyUI reuses the cached result)."""
         try:
-            p = lora_path(lora_name)
+            return file_state(lora_path(lora_name))
         except Exception:
             return "invalid"
-        return os.path.getmtime(p) if os.path.exists(p) else "missing"
 
     def train(self, pipeline, dataset, lora_name, cond_drop, rank, alpha, learning_rate, steps, batch_size,
               resolution, seed, precision, gradient_checkpointing, unique_id=None):
@@ -111,6 +125,7 @@ class ReDiFineTrainLoRA:
         from .common import pils_to_tensor
 
         path = lora_path(lora_name)  # checked before any work
+        state = file_state(path)
         config = TrainConfig(steps=int(steps), learning_rate=float(learning_rate), rank=int(rank), alpha=float(alpha),
                              cond_drop=float(cond_drop), batch_size=int(batch_size),
                              resolution=int(resolution) or None, mixed_precision=precision,
@@ -121,5 +136,6 @@ class ReDiFineTrainLoRA:
             if _comfy.processing_interrupted():  # cancelled after the last step: still leave no file
                 _comfy.raise_interrupted()
             save_lora(result.lora, path, layout="kohya")
+            _WRITTEN[path] = (os.stat(path).st_mtime_ns, state)
         curve = pils_to_tensor([plot_losses(result.losses, title=f"{os.path.basename(path)}: training loss")])
         return (result.lora, os.path.basename(path), curve)

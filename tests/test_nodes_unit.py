@@ -367,3 +367,22 @@ def test_chain_progress_is_one_steady_bar_with_a_preview(tmp_path, monkeypatch):
     assert values == sorted(values)
     previews = [p for _, _, p in calls if p is not None]
     assert len(previews) == 1 and previews[0][0] == "JPEG" and previews[0][1].getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_train_cache_key_is_stable_until_the_file_is_deleted_or_replaced(tmp_path, monkeypatch):
+    monkeypatch.setattr(comfy_mod, "loras_directory", lambda: str(tmp_path))
+    monkeypatch.setattr(train_mod, "_WRITTEN", {})
+    changed = MAPPINGS["ReDiFineTrainLoRA"].IS_CHANGED
+    before = changed(lora_name="k")
+    path = train_mod.lora_path("k")
+    state = train_mod.file_state(path)
+    Path(path).write_bytes(b"x")  # what a training run writes
+    train_mod._WRITTEN[path] = (os.stat(path).st_mtime_ns, state)
+    assert changed(lora_name="k") == before  # the next queue reuses the cached training
+    os.remove(path)
+    deleted = changed(lora_name="k")
+    assert deleted != before  # deleted: train again
+    Path(path).write_bytes(b"y")
+    os.utime(path, ns=(1, 1))
+    assert changed(lora_name="k") not in (before, deleted)  # replaced by someone else: train again
+    assert changed(lora_name="../k") == "invalid"

@@ -97,6 +97,11 @@ def test_train_then_ksampler_with_stock_lora_loader_and_schedule(server):
     calls = [json.loads(line) for line in probe_log.read_text().splitlines()]
     # euler: one model call per step; steps 0-2 are at progress <= 0.5 (w = 7.5), steps 3-5 at w = 1 (uncond skipped)
     assert [c["uncond"] for c in calls] == [True, True, True, False, False, False]
+    # queued again unchanged: ComfyUI reuses the trained LoRA instead of training again
+    stamp = lora.stat().st_mtime_ns
+    p["10"]["inputs"]["seed"] = 1
+    server.run(p, timeout=400)
+    assert lora.stat().st_mtime_ns == stamp
 
 
 def test_constant_schedule_is_exactly_the_unpatched_ksampler_and_second_order_works(server):
