@@ -386,3 +386,25 @@ def test_train_cache_key_is_stable_until_the_file_is_deleted_or_replaced(tmp_pat
     os.utime(path, ns=(1, 1))
     assert changed(lora_name="k") not in (before, deleted)  # replaced by someone else: train again
     assert changed(lora_name="../k") == "invalid"
+
+
+def test_dataset_node_reads_an_input_subfolder_and_refuses_escapes(tmp_path, monkeypatch):
+    from PIL import Image
+
+    dataset_mod = sys.modules[PACK.__name__ + ".nodes.dataset"]
+    monkeypatch.setattr(comfy_mod, "input_directory", lambda: str(tmp_path))
+    d = tmp_path / "cats"
+    d.mkdir()
+    for i, colour in enumerate([(255, 0, 0), (0, 0, 255)]):
+        Image.new("RGB", (16, 16), colour).save(d / f"c{i}.png")
+        (d / f"c{i}.txt").write_text(f"cat number {i}")
+    assert dataset_mod.input_subfolders() == ["cats"]
+    spec = MAPPINGS["ReDiFineDataset"].INPUT_TYPES()["required"]["folder"][0]
+    assert "cats" in spec
+    v = MAPPINGS["ReDiFineDataset"].VALIDATE_INPUTS
+    assert v("folder", "cats", 1, 0, "", "") is True
+    assert "needs a folder" in v("folder", "(none)", 1, 0, "", "")
+    assert "outside" in v("folder", "../../etc", 1, 0, "", "")
+    ds, batch, n = MAPPINGS["ReDiFineDataset"]().build("folder", "cats", 1, 0, "", "")
+    assert n == 2 and sorted(ds.captions) == ["cat number 0", "cat number 1"]
+    assert batch.shape == (2, 16, 16, 3)
