@@ -10,16 +10,6 @@ import os
 from typing import Any, Optional
 
 
-def available() -> bool:
-    """True when running inside ComfyUI (its ``folder_paths`` and ``comfy`` modules import)."""
-    try:
-        import comfy.model_management  # noqa: F401
-        import folder_paths  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 def folder_paths():
     """ComfyUI's ``folder_paths`` module, or None outside ComfyUI."""
     try:
