@@ -107,16 +107,23 @@ def main(argv=None) -> int:
         for name in order[r % 3:] + order[: r % 3]:
             times[name].append(timed(runs[name], device))
     med = {k: statistics.median(v) for k, v in times.items()}
+    low = {k: min(v) for k, v in times.items()}
 
     print(f"device {device} ({torch.get_num_threads()} threads)  UNet {n_unet / 1e6:.2f}M params  "
           f"{len(prompts)} images {size}x{size}  {args.steps} steps {args.sampler}  repeats {args.repeats}")
     print(f"max |ours - diffusers| at constant CFG {args.guidance}: {diff:.2e}")
-    print(f"{'run':<44}{'median s':>10}")
-    print(f"{'diffusers StableDiffusionPipeline, w=' + str(args.guidance):<44}{med['diffusers']:>10.3f}")
-    print(f"{'ours, constant w=' + str(args.guidance):<44}{med['ours']:>10.3f}")
-    print(f"{'ours, ' + half_off:<44}{med['ours_half']:>10.3f}")
-    print(f"(a) ours / diffusers at constant CFG      = {med['ours'] / med['diffusers']:.3f}   (target <= 1.00)")
-    print(f"(b) half steps at w=1 / constant CFG      = {med['ours_half'] / med['ours']:.3f}   (target <= 0.78)")
+    print(f"{'run':<44}{'median s':>10}{'min s':>10}")
+    labels = {"diffusers": f"diffusers StableDiffusionPipeline, w={args.guidance}",
+              "ours": f"ours, constant w={args.guidance}", "ours_half": f"ours, {half_off}"}
+    for key, label in labels.items():
+        print(f"{label:<44}{med[key]:>10.3f}{low[key]:>10.3f}")
+    def paired(num: str, den: str) -> float:  # median of per-round ratios: robust to load drifting between rounds
+        return statistics.median(a / b for a, b in zip(times[num], times[den]))
+
+    print(f"{'ratio':<44}{'median':>10}{'min':>10}{'paired':>10}")
+    for label, num, den in (("(a) ours / diffusers, constant CFG (<= 1.00)", "ours", "diffusers"),
+                            ("(b) half steps at w=1 / constant (<= 0.78)", "ours_half", "ours")):
+        print(f"{label:<44}{med[num] / med[den]:>10.3f}{low[num] / low[den]:>10.3f}{paired(num, den):>10.3f}")
     return 0
 
 

@@ -342,9 +342,10 @@ def generate(
         raise ValueError(f"lora_scale={lora_scale!r} must be a finite number")
     seed_list = _seed_list(seeds, n)
     width, height = _check_size(pipeline, width, height)
-    probe = make_scheduler(pipeline, sampler)  # validates the sampler name
-    probe.set_timesteps(steps)
-    scales = guidance_values(schedule, len(probe.timesteps), iteration)
+    first_scheduler = make_scheduler(pipeline, sampler)  # validates the sampler name; used by the first batch
+    first_scheduler.set_timesteps(steps, device=pipeline.device)
+    n_evals = len(first_scheduler.timesteps)
+    scales = guidance_values(schedule, n_evals, iteration)
 
     if lora is not None:
         from .lora import lora_applied
@@ -354,14 +355,15 @@ def generate(
         lora_context = nullcontext()
 
     chunks = [list(range(s, min(n, s + batch_size))) for s in range(0, n, batch_size)]
-    total = len(probe.timesteps) * len(chunks)
+    total = n_evals * len(chunks)
     done, started = 0, time.monotonic()
     zero_empty = pipeline.force_zeros_for_empty_prompt
     images = []
     with lora_context:
-        for chunk in chunks:
-            scheduler = make_scheduler(pipeline, sampler)
-            scheduler.set_timesteps(steps, device=pipeline.device)
+        for k, chunk in enumerate(chunks):
+            scheduler = first_scheduler if k == 0 else make_scheduler(pipeline, sampler)
+            if k > 0:
+                scheduler.set_timesteps(steps, device=pipeline.device)
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(0)
             cond = _conditioning(pipeline, [prompt_list[i] for i in chunk], width, height, zero_empty=False)
