@@ -21,7 +21,7 @@ import torch
 
 
 def build_pipeline(device: torch.device, dtype: torch.dtype):
-    """A StableDiffusionPipeline from configs: UNet (64, 128) channels, 2x VAE, tiny CLIP; random weights."""
+    """A StableDiffusionPipeline from configs: UNet (64, 128) channels, 2 layers per block, 2x VAE, tiny CLIP."""
     from diffusers import UNet2DConditionModel
 
     from redifine_core.models import Pipeline
@@ -38,7 +38,7 @@ def build_pipeline(device: torch.device, dtype: torch.dtype):
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=comps["text_encoder"].config.hidden_size,
-        attention_head_dim=8,
+        attention_head_dim=(2, 4),  # heads per block: head width 32, as in SD (40-160) rather than 8
         norm_num_groups=32,
     ).eval()
     from diffusers import StableDiffusionPipeline
