@@ -7,11 +7,11 @@ from dataclasses import replace
 
 import pytest
 
-from redifine_core.toy.demo import FULL, QUICK, DemoSettings, demo_config, demo_dataset, run_demo
+from redifine_core.toy.demo import FULL, QUICK, SCIENCE, DemoSettings, demo_config, demo_dataset, run_demo
 
 
 def test_presets_and_config():
-    for s in (FULL, QUICK):
+    for s in (FULL, QUICK, SCIENCE):
         cfg = demo_config(s, seeds=(0, 1))
         assert [m.name for m in cfg.methods] == ["baseline-low", "baseline-high", "redifine"]
         low, high, red = cfg.methods
