@@ -356,21 +356,6 @@ def test_bad_inputs_fail_before_writing(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ real tiny model
-def _real_modules_ready() -> bool:
-    try:
-        from redifine_core.lora import load_lora  # noqa: F401
-        from redifine_core.metrics import set_metrics  # noqa: F401
-        from redifine_core.models import Pipeline  # noqa: F401
-        from redifine_core.sampling import generate  # noqa: F401
-        from redifine_core.training import finetune_lora  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_real = pytest.mark.skipif(not _real_modules_ready(), reason="models/sampling/training/lora/metrics not landed")
-
-
 def tiny_dataset(n: int = 4, size: int = 32):
     from redifine_core.data import CaptionedImages
 
@@ -380,17 +365,7 @@ def tiny_dataset(n: int = 4, size: int = 32):
     return CaptionedImages.from_images(imgs, [f"a {words[i % len(words)]}" for i in range(n)])
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread: the fastest on a shared CPU (results do not matter here, only the run)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@needs_real
-def test_real_tiny_chain_end_to_end(one_thread, tiny_sd, tmp_path):
+def test_real_tiny_chain_end_to_end(tiny_sd, tmp_path):
     """The real modules: continue protocol (init_lora from the saved file), metrics per the schema, loadable files."""
     from redifine_core.lora import load_lora
     from redifine_core.models import Pipeline

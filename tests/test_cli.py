@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from redifine_core import chain as chain_mod
@@ -236,26 +235,7 @@ def test_traits_plot(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-def _real_ready() -> bool:
-    try:
-        from redifine_core.models import load_pipeline  # noqa: F401
-        from redifine_core.sampling import generate  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread: the fastest on a shared CPU (results do not matter here, only the run)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.mark.skipif(not _real_ready(), reason="models/sampling not landed")
-def test_tiny_chain_end_to_end(one_thread, tiny_sd_dir, tmp_path, capsys):
+def test_tiny_chain_end_to_end(tiny_sd_dir, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
     rng = np.random.default_rng(0)

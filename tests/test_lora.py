@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -18,15 +17,6 @@ from redifine_core.data import CaptionedImages
 from redifine_core.lora import LoraWeights, _kohya_to_path, load_lora, lora_applied, save_lora
 from redifine_core.models import Pipeline
 from redifine_core.training import LoraTrainer, TrainConfig
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models gain nothing from 2 threads, and on a shared, oversubscribed CPU 2 threads run 5-20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,6 @@ from redifine_core.models import CONFIG_ROOT, Pipeline, checkpoint_shapes, detec
 from sd_single_file import open_clip_to_original, sd1_to_original, sdxl_to_original, unet_to_original, vae_to_original
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a shared, loaded CPU spin-wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(autouse=True)
 def no_outside_tokenizers(monkeypatch, tmp_path):
     """Tokenizer look-ups must not find a real ComfyUI or an env folder on the test machine."""

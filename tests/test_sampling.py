@@ -20,15 +20,6 @@ from redifine_core.sampling import (
     size_multiple,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a shared, loaded CPU spin-wait (measured 30x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 PROMPTS = ["a red cat", "a blue dog on a tree", "a photo of a house"]
 SEEDS = [3, 7, 11]
 

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from redifine_core.toy.demo import FULL, QUICK, SCIENCE, DemoSettings, demo_config, demo_dataset, run_demo
+from redifine_core.toy.demo import FULL, QUICK, SCIENCE, demo_config, demo_dataset, run_demo
 
 
 def test_presets_and_config():

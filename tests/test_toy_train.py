@@ -19,7 +19,6 @@ def _weights(folder):
 
 
 def test_train_writes_folder_and_resume_reproduces_it(tmp_path):
-    torch.set_num_threads(1)
     cfg = ToyTrainConfig(**TINY)
     logs: list[str] = []
     out1 = train(cfg, tmp_path / "m1", tmp_path / "work", checkpoint_every=2, log=logs.append)

@@ -16,15 +16,6 @@ from redifine_core.training import LoraTrainer, TrainConfig, finetune_lora, nois
 CAPTIONS = ["a red circle", "a blue square", "a cat", "a dog on a tree"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models gain nothing from 2 threads, and on a shared, oversubscribed CPU 2 threads run 5-20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def pipe(tiny_sd):
     return Pipeline.from_diffusers(tiny_sd)

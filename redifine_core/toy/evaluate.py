@@ -9,7 +9,6 @@ user would load it.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Sequence
 
