@@ -350,19 +350,25 @@ def _sqrt_psd(m: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
+def _feature_pair(a, b, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Two feature sets as float64 [N, D] arrays with >= 2 rows and the same D, or a ValueError naming ``what``."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    for name, x in (("a", a), ("b", b)):
+        if x.ndim != 2 or x.shape[0] < 2:
+            raise ValueError(f"{what} needs at least 2 feature rows per set; set {name} has shape {tuple(x.shape)}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"{what}: feature sizes differ ({a.shape[1]} vs {b.shape[1]})")
+    return a, b
+
+
 def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
     """Frechet distance between Gaussians fitted to feature rows of ``a`` and ``b`` (each needs >= 2 rows).
 
     tr sqrt(S_a S_b) is computed as sum sqrt(eig(sqrt(S_a) S_b sqrt(S_a))) with symmetric eigendecompositions and
     negative eigenvalues clipped, which stays finite and real for the singular covariances of small sets (N < dims).
     """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    for name, x in (("a", a), ("b", b)):
-        if x.ndim != 2 or x.shape[0] < 2:
-            raise ValueError(f"FID needs at least 2 feature rows per set; set {name} has shape {tuple(x.shape)}")
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"FID: feature sizes differ ({a.shape[1]} vs {b.shape[1]})")
+    a, b = _feature_pair(a, b, "FID")
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a = np.cov(a, rowvar=False).reshape(a.shape[1], a.shape[1])
     s_b = np.cov(b, rowvar=False).reshape(b.shape[1], b.shape[1])
@@ -394,13 +400,7 @@ def kid_from_features(
     The subset size is min(subset_size, N_a, N_b); when that covers both sets whole, one exact value is returned.
     Unbiased means it can be slightly negative for near-identical sets. Each set needs >= 2 rows.
     """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    for name, x in (("a", a), ("b", b)):
-        if x.ndim != 2 or x.shape[0] < 2:
-            raise ValueError(f"KID needs at least 2 feature rows per set; set {name} has shape {tuple(x.shape)}")
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"KID: feature sizes differ ({a.shape[1]} vs {b.shape[1]})")
+    a, b = _feature_pair(a, b, "KID")
     if subsets < 1 or subset_size < 2:
         raise ValueError(f"KID: subsets must be >= 1 and subset_size >= 2, got {subsets}, {subset_size}")
     size = min(subset_size, a.shape[0], b.shape[0])
