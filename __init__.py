@@ -16,6 +16,12 @@ except ImportError:
         sys.path.append(_HERE)
     import redifine_core  # noqa: F401
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+if __package__:  # loaded as a package, as ComfyUI's custom_nodes loader does
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+else:
+    # Imported as a bare module: pytest does this to a checkout's root ``__init__.py`` when the folder name is not an
+    # identifier (``ComfyUI-ReDiFine``, the name git clone and ComfyUI-Manager give). There is no package to load the
+    # nodes from, and nothing asks for them.
+    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
