@@ -39,9 +39,9 @@ Chain-axis forms choose the per-step schedule by chain iteration i (0 = the firs
 
 The items of cycle/by_iter are per-step schedules (numbers or any per-step form); chain-axis forms do not nest.
 
-Value rules (our choice): every number must be finite; guidance scales must be >= 0 (0 is the unconditional
-prediction, values in (0, 1) interpolate towards it, 1 is the conditional prediction alone; negative guidance is
-refused); progress arguments lie in [0, 1]; rates are >= 0.
+Value rules (our choice): every number must be finite; guidance scales lie in [0, 100] (bounds.MAX_CFG; 0 is the
+unconditional prediction, values in (0, 1) interpolate towards it, 1 is the conditional prediction alone; negative
+guidance is refused); progress arguments lie in [0, 1]; rates are >= 0.
 
 PRESETS (our reading of the paper, NOT the paper's formula, which is unknown; see docs/schedules.md):
 
@@ -69,6 +69,8 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Optional, Sequence, Union
+
+from .bounds import MAX_CFG, check as check_bound
 
 __all__ = [
     "Schedule",
@@ -175,8 +177,7 @@ class Schedule:
 
     def values(self, steps: int, iteration: int = 0) -> list[float]:
         """Per-step scales for ``steps`` denoising steps: step i is at progress i/(steps-1); one step is at 0."""
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        check_bound("steps", steps)
         per_step = self.at_iteration(iteration)
         if steps == 1:
             return [float(per_step._w(0.0))]
@@ -531,9 +532,9 @@ class _Builder:
 
     def scale_value(self, node: _Node, form: str, arg: str) -> float:
         v = self.finite(node, form, arg)
-        if v < 0:
-            raise self.error(node.pos, f"{form} argument {arg!r} = {_fmt(v)} is a guidance scale and must be >= 0 "
-                                       "(negative guidance is not supported)")
+        if not 0 <= v <= MAX_CFG:  # negative guidance is not supported; the cap is bounds.MAX_CFG
+            raise self.error(node.pos, f"{form} argument {arg!r} = {_fmt(v)} is a guidance scale and must be in "
+                                       f"[0, {_fmt(MAX_CFG)}]")
         return v
 
     def progress_value(self, node: _Node, form: str, arg: str) -> float:
@@ -662,9 +663,9 @@ def parse_schedule(spec: Union[str, float, Schedule]) -> Schedule:
         text = _fmt(value) if math.isfinite(value) else repr(value)
         if not math.isfinite(value):
             raise ScheduleSyntaxError(text, 0, f"constant argument 'w' must be finite, got {value}")
-        if value < 0:
-            raise ScheduleSyntaxError(text, 0, f"constant argument 'w' = {text} is a guidance scale and must be >= 0 "
-                                               "(negative guidance is not supported)")
+        if not 0 <= value <= MAX_CFG:
+            raise ScheduleSyntaxError(text, 0, f"constant argument 'w' = {text} is a guidance scale and must be in "
+                                               f"[0, {_fmt(MAX_CFG)}]")
         return Constant(value)
     if isinstance(spec, str):
         return _parse_text(spec)

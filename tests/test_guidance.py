@@ -140,7 +140,7 @@ def test_parse_schedule_accepts_schedule_and_numbers():
     assert parse_schedule(7.5) == parse_schedule("7.5")
     assert parse_schedule(3) == parse_schedule("3")
     assert isinstance(parse_schedule(2), Schedule)
-    with pytest.raises(ScheduleSyntaxError, match="must be >= 0"):
+    with pytest.raises(ScheduleSyntaxError, match=r"must be in \[0, 100\]"):
         parse_schedule(-2.0)
     with pytest.raises(ScheduleSyntaxError, match="finite"):
         parse_schedule(float("inf"))
@@ -243,8 +243,8 @@ BAD_SPECS = [
     ("lin@ear(7, 1)", 3, ["unexpected character '@'"]),
     ("linear(7, 1, 2)", 13, ["linear takes 2 argument", "got 3"]),
     ("exp(7, 1)", 8, ["exp takes 3 argument", "missing 'rate'"]),
-    ("linear(-1, 2)", 7, ["linear argument 'a'", ">= 0"]),
-    ("cosine(3, -0.5)", 10, ["cosine argument 'b'", ">= 0"]),
+    ("linear(-1, 2)", 7, ["linear argument 'a'", "in [0, 100]"]),
+    ("cosine(3, -0.5)", 10, ["cosine argument 'b'", "in [0, 100]"]),
     ("exp(7, 1, -2)", 10, ["exp argument 'rate'", ">= 0"]),
     ("linear(1e999, 1)", 7, ["linear argument 'a'", "finite"]),
     ("interval(5, 0.2, 1.5)", 17, ["interval argument 'p1'", "[0, 1]"]),
@@ -253,7 +253,7 @@ BAD_SPECS = [
     ("keys(0:7, 0.5:3, 0.5:1)", 17, ["keyframe 3", "strictly ascending"]),
     ("keys(0.6:7, 0.2:3)", 12, ["keyframe 2", "strictly ascending"]),
     ("keys(0:7, 1.5:3)", 10, ["keys argument 'p of keyframe 2'", "[0, 1]"]),
-    ("keys(0:7, 1:-3)", 12, ["keys argument 'w of keyframe 2'", ">= 0"]),
+    ("keys(0:7, 1:-3)", 12, ["keys argument 'w of keyframe 2'", "in [0, 100]"]),
     ("keys(0.5)", 5, ["keyframe p:w"]),
     ("keys()", 5, ["at least one keyframe"]),
     ("keys(0: )", 8, ["keyframe's scale w"]),
@@ -264,7 +264,7 @@ BAD_SPECS = [
     ("cycle(7, chain_decay(7, 5, 1))", 9, ["cycle item 2", "chain-axis"]),
     ("by_iter(redifine_chain)", 8, ["by_iter item 1", "chain-axis"]),
     ("redifine(7.5, 1, 3, 4)", 20, ["preset redifine takes at most 3"]),
-    ("redifine(-2)", 9, ["redifine argument 'w_start'", ">= 0"]),
+    ("redifine(-2)", 9, ["redifine argument 'w_start'", "in [0, 100]"]),
     ("chain_decay(7, 5)", 16, ["chain_decay takes 3", "missing 'rate'"]),
     ("-linear(7, 1)", 0, ["unexpected character '-'"]),
 ]
@@ -301,3 +301,18 @@ def test_caret_stays_aligned_with_tabs_and_newlines():
     lines = str(info.value).splitlines()
     spec_line, caret_line = lines[1], lines[2]
     assert spec_line[caret_line.index("^")] == "-"
+
+
+@pytest.mark.parametrize("spec", ["1e308", "100.5", "linear(7.5, 1000)", "keys(0:7, 1:101)", "cycle(7, 200)"])
+def test_scales_above_the_documented_cfg_bound_are_refused(spec):
+    from redifine_core.bounds import MAX_CFG
+
+    with pytest.raises(ScheduleSyntaxError, match=r"guidance scale and must be in \[0, 100\]"):
+        parse_schedule(spec)
+    assert parse_schedule(str(MAX_CFG)).values(2) == [MAX_CFG, MAX_CFG]
+
+
+@pytest.mark.parametrize("steps", [0, 10_001, 100_000_000, True, 2.0])
+def test_values_refuses_step_counts_outside_the_bounds(steps):
+    with pytest.raises(ValueError, match=r"steps=.* must be an integer in \[1, 10000\]"):
+        parse_schedule("7.5").values(steps)
