@@ -7,15 +7,28 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+def _new_temp(path: Path) -> Path:
+    """Create an empty temp file beside ``path`` with the mode a plain ``open()`` gives (0666 minus the umask).
+
+    Not ``tempfile.mkstemp``: it makes 0600 files, and a LoRA another user (a ComfyUI in Docker on a shared volume)
+    cannot read is a broken LoRA. ``O_EXCL`` keeps the name ours, as mkstemp does.
+    """
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"could not create a temp file beside {str(path)!r}")  # pragma: no cover
 
 
 @contextmanager
@@ -23,12 +36,11 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success rename it onto ``path``, on error delete it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode a plain open() would
-    tmp_path = Path(tmp)
+    tmp_path = _new_temp(path)
+    mode = os.stat(tmp_path).st_mode & 0o777
     try:
         yield tmp_path
+        os.chmod(tmp_path, mode)  # some writers (safetensors' save_file) replace the file with a 0600 one
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
