@@ -37,6 +37,7 @@ import torch
 
 from .models import Pipeline
 from .progress import CancelFlag, ProgressCallback, ProgressEvent, check_cancel, report
+from .vae import decode as vae_decode
 
 # name -> (diffusers scheduler class, settings that define the sampler)
 _SAMPLER_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -277,21 +278,9 @@ def _denoise(pipeline: Pipeline, scheduler: Any, latents: torch.Tensor, scales: 
     return latents
 
 
-def decode_latents(pipeline: Pipeline, latents: torch.Tensor) -> torch.Tensor:
-    """VAE-decode latents to a float32 CPU tensor [N, H, W, 3] in [0, 1]."""
-    vae = pipeline.vae
-    latents = latents.to(device=vae.device, dtype=vae.dtype)
-    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-    if mean is not None and std is not None:
-        mean = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
-        latents = latents * std / vae.config.scaling_factor + mean
-    else:
-        latents = latents / vae.config.scaling_factor
-    with torch.no_grad():
-        image = vae.decode(latents, return_dict=False)[0]
-    image = (image * 0.5 + 0.5).clamp(0, 1)
-    return image.cpu().permute(0, 2, 3, 1).float()
+def decode_latents(pipeline: Pipeline, latents: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+    """VAE-decode latents to a float32 CPU tensor [N, H, W, 3] in [0, 1]: :func:`redifine_core.vae.decode`."""
+    return vae_decode(pipeline, latents, batch_size=batch_size)
 
 
 # ---------------------------------------------------------------------------------------------------------- entry
