@@ -8,7 +8,8 @@ CONTRACT (filled in by issue 2):
         captions: tuple[str, ...]
         names: tuple[str, ...]                # file stems (or "000000", ...) for naming outputs
         def __len__(self) -> int
-        @classmethod from_folder(cls, folder, default_caption: str | None = None) -> "CaptionedImages"
+        @classmethod from_folder(cls, folder, default_caption: str | None = None, limit: int | None = None)
+        read_caption(image_path, default_caption=None) -> str     # <stem>.txt as UTF-8, one line naming a bad file
         @classmethod from_images(cls, images: Sequence[PIL.Image | np.ndarray | torch.Tensor] | torch.Tensor,
                                  captions: Sequence[str] | str) -> "CaptionedImages"
             # torch.Tensor batches in ComfyUI IMAGE layout [N, H, W, C] in [0, 1]
@@ -100,6 +101,27 @@ def _as_image(x: Any, what: str) -> Image.Image:
     raise ValueError(f"{what}: expected a PIL image, numpy array or torch tensor, got {type(x).__name__}")
 
 
+def read_caption(image_path: Union[str, os.PathLike], default_caption: Optional[str] = None) -> str:
+    """The caption of ``image_path``: its ``<stem>.txt`` (UTF-8 text, stripped), else ``default_caption``.
+
+    A caption file that is not UTF-8 (Latin-1, UTF-16, binary) raises one line naming the file.
+    """
+    p = Path(image_path)
+    cap_path = p.with_suffix(".txt")
+    if not cap_path.is_file():
+        if default_caption is not None:
+            return default_caption
+        raise ValueError(f"image {str(p)!r} has no caption file {cap_path.name!r} (give default_caption to use one "
+                         "caption for images without a .txt)")
+    try:
+        return cap_path.read_bytes().decode("utf-8-sig").strip()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"caption file {str(cap_path)!r} is not UTF-8 text (byte {exc.start} cannot be decoded); "
+                         "save it as UTF-8") from None
+    except OSError as exc:
+        raise ValueError(f"caption file {str(cap_path)!r} cannot be read: {exc.strerror or exc}") from None
+
+
 @dataclass(frozen=True)
 class CaptionedImages:
     """Images (8-bit RGB PIL) with one caption and one output name each."""
@@ -137,8 +159,13 @@ class CaptionedImages:
         return len(self.images)
 
     @classmethod
-    def from_folder(cls, folder: Union[str, os.PathLike], default_caption: Optional[str] = None) -> "CaptionedImages":
-        """Images in ``folder`` (not recursive, sorted by name) with captions from ``<stem>.txt`` beside each."""
+    def from_folder(cls, folder: Union[str, os.PathLike], default_caption: Optional[str] = None,
+                    limit: Optional[int] = None) -> "CaptionedImages":
+        """Images in ``folder`` (not recursive, sorted by name) with captions from ``<stem>.txt`` beside each.
+
+        ``limit`` reads only the first N images. Every caption is read (and must be UTF-8 text) before any image is
+        decoded, so a bad caption file is reported at once.
+        """
         folder = Path(folder).expanduser()
         if not folder.is_dir():
             raise ValueError(f"dataset folder {str(folder)!r} does not exist or is not a folder")
@@ -152,24 +179,18 @@ class CaptionedImages:
         if dup:
             raise ValueError(f"dataset folder {str(folder)!r}: several images share the name {dup[0]!r}; "
                              "each image needs its own <name>.txt caption")
-        images, captions = [], []
+        if limit is not None:
+            files, stems = files[:limit], stems[:limit]
+        captions = [read_caption(p, default_caption) for p in files]
+        images = []
         for p in files:
             try:
                 with Image.open(p) as im:
                     im.load()
                     images.append(to_rgb8(im).copy())
             except Exception as exc:  # PIL raises many types for broken files
-                raise ValueError(f"cannot read image {str(p)!r}: {exc}") from exc
-            cap_path = p.with_suffix(".txt")
-            if cap_path.is_file():
-                captions.append(cap_path.read_text(encoding="utf-8-sig").strip())
-            elif default_caption is not None:
-                captions.append(default_caption)
-            else:
-                raise ValueError(
-                    f"image {str(p)!r} has no caption file {cap_path.name!r} (give default_caption to use one "
-                    "caption for images without a .txt)"
-                )
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise ValueError(f"cannot read image {str(p)!r}: {first}") from exc
         return cls(tuple(images), tuple(captions), tuple(stems))
 
     @classmethod

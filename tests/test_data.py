@@ -130,3 +130,26 @@ def test_to_tensor_needs_one_size():
     ds = CaptionedImages.from_images([Image.new("RGB", (4, 4)), Image.new("RGB", (8, 4))], "x")
     with pytest.raises(ValueError, match="one size"):
         ds.to_tensor()
+
+
+@pytest.mark.parametrize("encoding,text", [("latin-1", "café au lait"), ("utf-16", "a photo"), (None, b"\xff\xfe\x00\x9f")])
+def test_caption_that_is_not_utf8_names_the_file_in_one_line(tmp_path, encoding, text):
+    _write(tmp_path, "a.png", Image.new("RGB", (8, 8)), "fine")
+    _write(tmp_path, "b.png", Image.new("RGB", (8, 8)))
+    data = text if encoding is None else text.encode(encoding)
+    (tmp_path / "b.txt").write_bytes(data)
+    with pytest.raises(ValueError) as exc:
+        CaptionedImages.from_folder(tmp_path)
+    msg = str(exc.value)
+    assert "\n" not in msg and str(tmp_path / "b.txt") in msg and "not UTF-8 text" in msg
+
+
+def test_utf8_with_bom_is_read_and_limit_reads_only_the_first_images(tmp_path):
+    for i in range(3):
+        _write(tmp_path, f"{i}.png", Image.new("RGB", (8, 8)))
+        (tmp_path / f"{i}.txt").write_bytes("\ufeffcafé {}".format(i).encode("utf-8"))
+    (tmp_path / "2.png").write_bytes(b"not a png")  # past the limit: never decoded
+    ds = CaptionedImages.from_folder(tmp_path, limit=2)
+    assert ds.captions == ("café 0", "café 1") and ds.names == ("0", "1")
+    with pytest.raises(ValueError, match="cannot read image"):
+        CaptionedImages.from_folder(tmp_path)
