@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..bounds import check as check_bound
+
 if TYPE_CHECKING:  # pragma: no cover
     from redifine_core.data import CaptionedImages
 
@@ -37,6 +39,7 @@ COLORS: tuple[str, ...] = tuple(PALETTE)
 VOCABULARY: tuple[str, ...] = ("a", "on", "background") + SHAPES + COLORS
 
 DEFAULT_SIZE = 32
+MAX_TOY_BYTES = 2**30  # 1 GiB of uint8 pixels: 10000 images of 32 px take 30 MiB
 DEFAULT_GRAIN = 0.03  # amplitude of the per-pixel luminance grain, as a fraction of full scale
 
 
@@ -133,10 +136,14 @@ def render(attrs: ToyAttributes, size: int = DEFAULT_SIZE, grain: float = DEFAUL
 def generate(n: int, seed: int = 0, size: int = DEFAULT_SIZE,
              grain: float = DEFAULT_GRAIN) -> tuple[np.ndarray, list[str], list[ToyAttributes]]:
     """``n`` toy images as uint8 [n, size, size, 3], their captions and attributes, all determined by ``seed``."""
-    if not isinstance(n, int) or n < 1:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n={n!r} must be a positive integer")
-    if not isinstance(size, int) or size < 16:
-        raise ValueError(f"size={size!r} must be an integer >= 16")
+    seed = check_bound("seed", seed, "seed")
+    if not isinstance(size, int) or isinstance(size, bool) or not 16 <= size <= 1024:
+        raise ValueError(f"size={size!r} must be an integer in [16, 1024]")
+    if n * size * size * 3 > MAX_TOY_BYTES:
+        raise ValueError(f"n={n}, size={size}: the toy set would take {n * size * size * 3 / 2**30:.1f} GiB; keep "
+                         f"n * size * size * 3 under {MAX_TOY_BYTES / 2**30:.0f} GiB")
     if not 0.0 <= grain <= 0.25:
         raise ValueError(f"grain={grain!r} must be in [0, 0.25]")
     rng = np.random.default_rng(seed)
@@ -160,5 +167,6 @@ def make_toy_dataset(n: int, seed: int = 0, size: int = DEFAULT_SIZE, grain: flo
     """The toy set as :class:`redifine_core.data.CaptionedImages` (D0 of a toy chain)."""
     from redifine_core.data import CaptionedImages
 
+    n = check_bound("images", n, "toy image count")  # a user-facing set: the documented bound (generate has none)
     images, captions, _ = generate(n, seed, size, grain)
     return CaptionedImages.from_images([Image.fromarray(im) for im in images], captions)

@@ -88,10 +88,13 @@ def run_demo(out_dir: Union[str, Path], quick: bool = False, seeds: Sequence[int
     """Run the demo chain into ``out_dir`` and render its report; returns the report.html path.
 
     ``settings`` overrides the preset chosen by ``quick``; ``model`` is "toy" (the shipped model) or another toy-layout
-    diffusers folder. Raises FileExistsError if ``out_dir`` is a non-empty folder and ``resume`` is False.
+    diffusers folder. Before anything loads, ``out_dir`` is checked (one-line errors): FileExistsError if it is a
+non-empty folder and ``resume`` is False, FileNotFoundError if ``resume`` and it does not exist, ValueError if it is
+a file, PermissionError if it cannot be written.
     """
     from ..chain import run_chain
     from ..models import load_pipeline
+    from ..paths import check_output_dir
     from ..report import render_report
 
     settings = settings or (QUICK if quick else FULL)
@@ -99,9 +102,9 @@ def run_demo(out_dir: Union[str, Path], quick: bool = False, seeds: Sequence[int
         raise ValueError(f"settings={settings!r} must be a DemoSettings")
     seeds = (seeds,) if isinstance(seeds, int) else tuple(seeds)
     config = demo_config(settings, seeds)  # validates before any work
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not resume:
-        raise FileExistsError(f"out_dir {str(out_dir)!r} exists and is not empty; choose another folder or resume")
+    out_dir = check_output_dir(out_dir, "out_dir", empty=not resume, hint="choose another folder or resume")
+    if resume and not out_dir.is_dir():
+        raise FileNotFoundError(f"out_dir {str(out_dir)!r} does not exist: there is nothing to resume")
     pipeline = load_pipeline(model)
     dataset = demo_dataset(settings)
     run_chain(pipeline, dataset, config, out_dir, progress=progress, cancel=cancel, resume=resume, render=False)
