@@ -13,8 +13,10 @@ CONTRACT (filled in by issue 2):
         # returns float32 CPU tensor [N, H, W, 3] in [0, 1] (the ComfyUI IMAGE layout, = diffusers output_type="np").
         # seeds: an int s means seeds s, s+1, ..., s+N-1; image i depends only on (model, prompt i, seed i).
 
-Also public: ``encode_prompts(pipeline, prompts) -> (prompt_embeds, pooled_or_None)``,
-``decode_latents(pipeline, latents) -> [N, H, W, 3]``, ``make_scheduler(pipeline, sampler)``,
+Also public: ``generate_batches(...)`` (the same arguments as ``generate``; yields ``(indices, images [b, H, W, 3])``
+per batch, so callers can stream images to disk), ``encode_prompts(pipeline, prompts) -> (prompt_embeds,
+pooled_or_None)``, ``decode_latents(pipeline, latents) -> [N, H, W, 3]`` (= ``vae.decode``: sliced, tiled above the
+VAE's native size, float32 for a ``force_upcast`` VAE in fp16), ``make_scheduler(pipeline, sampler)``,
 ``size_multiple(pipeline)``, ``guidance_values(schedule, n, iteration)``.
 
 The loop follows diffusers' ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` step for step, so at a constant
@@ -31,7 +33,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -286,7 +288,126 @@ def decode_latents(pipeline: Pipeline, latents: torch.Tensor, batch_size: int = 
 # ---------------------------------------------------------------------------------------------------------- entry
 
 
+def generate_batches(
+    pipeline: Pipeline,
+    prompts: Union[str, Sequence[str]],
+    schedule: ScheduleLike = 7.5,
+    steps: int = 20,
+    seeds: Union[int, Sequence[int]] = 0,
+    *,
+    negative_prompt: Union[str, Sequence[str]] = "",
+    sampler: str = "ddim",
+    width: Optional[int] = None,
+    height: Optional[int] = None,
+    batch_size: int = 8,
+    lora: Any = None,
+    lora_scale: float = 1.0,
+    iteration: int = 0,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelFlag] = None,
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """:func:`generate`, streamed: yields ``(indices into prompts, float32 CPU images [b, H, W, 3] in [0, 1])`` per batch.
+
+    Same arguments and same images as :func:`generate`. Every argument is checked when this is called, before any
+    model work; the model runs as the iterator is consumed. Only the batch being yielded is held, so memory does not
+    grow with the number of prompts. ``lora`` stays applied until the iterator is exhausted or closed (use it in a
+    ``for`` loop or ``contextlib.closing``).
+    """
+    prompt_list = _as_list(prompts, "prompts")
+    n = len(prompt_list)
+    if n == 0:
+        raise ValueError("prompts is empty; give at least one prompt")
+    negatives = _as_list(negative_prompt, "negative_prompt")
+    if isinstance(negative_prompt, str):
+        negatives = negatives * n
+    elif len(negatives) != n:
+        raise ValueError(f"negative_prompt has {len(negatives)} entries but there are {n} prompts")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r} must be an int >= 1")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
+    if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+        raise ValueError(f"iteration={iteration!r} must be an int >= 0")
+    if not isinstance(lora_scale, (int, float)) or not math.isfinite(lora_scale):
+        raise ValueError(f"lora_scale={lora_scale!r} must be a finite number")
+    seed_list = _seed_list(seeds, n)
+    width, height = _check_size(pipeline, width, height)
+    first_scheduler = make_scheduler(pipeline, sampler)  # validates the sampler name; used by the first batch
+    first_scheduler.set_timesteps(steps, device=pipeline.device)
+    scales = guidance_values(schedule, len(first_scheduler.timesteps), iteration)
+    if lora is not None:
+        from .lora import lora_applied
+
+        lora_context = lora_applied(pipeline, lora, lora_scale)
+    else:
+        lora_context = nullcontext()
+    job = _Job(pipeline, prompt_list, negatives, seed_list, steps, sampler, width, height, batch_size, scales,
+               progress, cancel)
+    return _run_batches(job, first_scheduler, lora_context)
+
+
+@dataclass
+class _Job:
+    """The checked arguments of one generate call."""
+
+    pipeline: Pipeline
+    prompts: list[str]
+    negatives: list[str]
+    seeds: list[int]
+    steps: int
+    sampler: str
+    width: int
+    height: int
+    batch_size: int
+    scales: list[float]
+    progress: Optional[ProgressCallback]
+    cancel: Optional[CancelFlag]
+
+
 @torch.no_grad()
+def _run_batches(job: _Job, first_scheduler: Any, lora_context: Any) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """The denoising loop over batches of ``job``; yields each batch's indices and decoded images."""
+    pipeline, n, scales = job.pipeline, len(job.prompts), job.scales
+    chunks = [list(range(s, min(n, s + job.batch_size))) for s in range(0, n, job.batch_size)]
+    total = len(scales) * len(chunks)
+    done, started = 0, time.monotonic()
+    try:
+        with lora_context:
+            for k, chunk in enumerate(chunks):
+                scheduler = first_scheduler if k == 0 else make_scheduler(pipeline, job.sampler)
+                if k > 0:
+                    scheduler.set_timesteps(job.steps, device=pipeline.device)
+                if hasattr(scheduler, "set_begin_index"):
+                    scheduler.set_begin_index(0)
+                cond = _conditioning(pipeline, [job.prompts[i] for i in chunk], job.width, job.height, zero_empty=False)
+                both = None
+                if any(w != 1.0 for w in scales):
+                    uncond = _conditioning(pipeline, [job.negatives[i] for i in chunk], job.width, job.height,
+                                           pipeline.force_zeros_for_empty_prompt)
+                    both = _Conditioning.cat(uncond, cond)
+                generators = [torch.Generator("cpu").manual_seed(job.seeds[i]) for i in chunk]
+                latents = _initial_latents(pipeline, scheduler, generators, job.width, job.height)
+
+                def on_step(i: int, chunk: list[int] = chunk) -> None:
+                    nonlocal done
+                    done += 1
+                    elapsed = time.monotonic() - started
+                    report(job.progress, ProgressEvent(
+                        phase="sample", step=done, total=total, eta_s=elapsed / done * (total - done),
+                        message=f"images {chunk[0] + 1}-{chunk[-1] + 1} of {n}, step {i + 1}/{len(scales)}",
+                        extra={"guidance_scale": scales[i]},
+                    ))
+
+                latents = _denoise(pipeline, scheduler, latents, scales, cond, both, generators, job.cancel, on_step)
+                del cond, both
+                images = decode_latents(pipeline, latents)
+                del latents
+                yield chunk, images
+    finally:
+        if pipeline.device.type == "cuda":
+            torch.cuda.empty_cache()  # activations of the last batch; the next phase (training, metrics) needs the room
+
+
 def generate(
     pipeline: Pipeline,
     prompts: Union[str, Sequence[str]],
@@ -311,69 +432,20 @@ def generate(
     does not depend on ``batch_size`` or on the other prompts. ``negative_prompt`` is one string for all prompts or
     one per prompt. ``lora`` (a ``lora.LoraWeights``) is applied at ``lora_scale`` for the call and removed after.
     One ``ProgressEvent(phase="sample")`` is sent per model evaluation; ``cancel`` is checked before each.
+    The result is filled batch by batch from :func:`generate_batches` (no second copy of the set); to write images
+    out without holding them all, use :func:`generate_batches` directly.
     """
-    prompt_list = _as_list(prompts, "prompts")
-    n = len(prompt_list)
-    if n == 0:
+    batches = generate_batches(
+        pipeline, prompts, schedule, steps, seeds, negative_prompt=negative_prompt, sampler=sampler, width=width,
+        height=height, batch_size=batch_size, lora=lora, lora_scale=lora_scale, iteration=iteration,
+        progress=progress, cancel=cancel,
+    )
+    n = len(_as_list(prompts, "prompts"))
+    out: Optional[torch.Tensor] = None
+    for chunk, images in batches:
+        if out is None:
+            out = torch.empty((n,) + tuple(images.shape[1:]), dtype=images.dtype)
+        out[chunk[0]:chunk[-1] + 1] = images
+    if out is None:  # unreachable: generate_batches refuses an empty prompt list
         raise ValueError("prompts is empty; give at least one prompt")
-    negatives = _as_list(negative_prompt, "negative_prompt")
-    if isinstance(negative_prompt, str):
-        negatives = negatives * n
-    elif len(negatives) != n:
-        raise ValueError(f"negative_prompt has {len(negatives)} entries but there are {n} prompts")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps={steps!r} must be an int >= 1")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
-    if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
-        raise ValueError(f"iteration={iteration!r} must be an int >= 0")
-    if not isinstance(lora_scale, (int, float)) or not math.isfinite(lora_scale):
-        raise ValueError(f"lora_scale={lora_scale!r} must be a finite number")
-    seed_list = _seed_list(seeds, n)
-    width, height = _check_size(pipeline, width, height)
-    first_scheduler = make_scheduler(pipeline, sampler)  # validates the sampler name; used by the first batch
-    first_scheduler.set_timesteps(steps, device=pipeline.device)
-    n_evals = len(first_scheduler.timesteps)
-    scales = guidance_values(schedule, n_evals, iteration)
-
-    if lora is not None:
-        from .lora import lora_applied
-
-        lora_context = lora_applied(pipeline, lora, lora_scale)
-    else:
-        lora_context = nullcontext()
-
-    chunks = [list(range(s, min(n, s + batch_size))) for s in range(0, n, batch_size)]
-    total = n_evals * len(chunks)
-    done, started = 0, time.monotonic()
-    zero_empty = pipeline.force_zeros_for_empty_prompt
-    images = []
-    with lora_context:
-        for k, chunk in enumerate(chunks):
-            scheduler = first_scheduler if k == 0 else make_scheduler(pipeline, sampler)
-            if k > 0:
-                scheduler.set_timesteps(steps, device=pipeline.device)
-            if hasattr(scheduler, "set_begin_index"):
-                scheduler.set_begin_index(0)
-            cond = _conditioning(pipeline, [prompt_list[i] for i in chunk], width, height, zero_empty=False)
-            both = None
-            if any(w != 1.0 for w in scales):
-                uncond = _conditioning(pipeline, [negatives[i] for i in chunk], width, height, zero_empty)
-                both = _Conditioning.cat(uncond, cond)
-            generators = [torch.Generator("cpu").manual_seed(seed_list[i]) for i in chunk]
-            latents = _initial_latents(pipeline, scheduler, generators, width, height)
-
-            def on_step(i: int, chunk: list[int] = chunk) -> None:
-                nonlocal done
-                done += 1
-                elapsed = time.monotonic() - started
-                eta = elapsed / done * (total - done)
-                report(progress, ProgressEvent(
-                    phase="sample", step=done, total=total, eta_s=eta,
-                    message=f"images {chunk[0] + 1}-{chunk[-1] + 1} of {n}, step {i + 1}/{len(scales)}",
-                    extra={"guidance_scale": scales[i]},
-                ))
-
-            latents = _denoise(pipeline, scheduler, latents, scales, cond, both, generators, cancel, on_step)
-            images.append(decode_latents(pipeline, latents))
-    return torch.cat(images)
+    return out

@@ -15,6 +15,7 @@ from redifine_core.sampling import (
     decode_latents,
     encode_prompts,
     generate,
+    generate_batches,
     guidance_values,
     make_scheduler,
     size_multiple,
@@ -271,3 +272,26 @@ def test_lora_changes_output_and_is_removed_afterwards(sd):
     assert (with_lora - base).abs().max() > 1e-3
     assert (half - base).abs().max() > 1e-4 and (half - with_lora).abs().max() > 1e-4
     torch.testing.assert_close(after, base, atol=0, rtol=0)
+
+
+def test_generate_batches_streams_the_same_images_as_generate(sd):
+    prompts = PROMPTS + ["a green tree", "two cats"]
+    args = dict(schedule="linear(7, 2)", steps=3, seeds=[5, 1, 9, 2, 8], width=16, height=16, sampler="euler_a")
+    whole = generate(sd, prompts, batch_size=2, **args)
+    batches = list(generate_batches(sd, prompts, batch_size=2, **args))
+    assert [idx for idx, _ in batches] == [[0, 1], [2, 3], [4]]
+    for idx, images in batches:
+        assert images.dtype == torch.float32 and images.device.type == "cpu" and tuple(images.shape) == (len(idx), 16, 16, 3)
+        assert torch.equal(images, whole[idx])  # bit-identical to generate with the same batches
+    torch.testing.assert_close(generate(sd, prompts, batch_size=5, **args), whole, atol=1e-5, rtol=0)
+
+
+def test_generate_batches_checks_arguments_on_call_and_runs_lazily(sd):
+    with UNetCalls(sd.unet) as calls:
+        with pytest.raises(ValueError, match="width=30"):
+            generate_batches(sd, PROMPTS, 3.0, steps=2, width=30, height=16)  # raised before iterating
+        batches = generate_batches(sd, PROMPTS, 3.0, steps=2, width=16, height=16, batch_size=1)
+        assert calls.sizes == []  # nothing ran yet
+        idx, _ = next(batches)
+        assert idx == [0] and len(calls.sizes) == 2
+        batches.close()
