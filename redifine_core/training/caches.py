@@ -1,0 +1,245 @@
+"""What training reads every step, prepared once: images at the training size, VAE latents, text embeddings.
+
+Memory does not grow with pixels: the resized images are kept as uint8 (a quarter of float32) and only when a
+step needs them (random crop, or ``cache_latents=False``); with center crop the VAE sees a few images at a time and
+only their latent distribution (mean, std: 2 x 4 x (R/8)^2 floats per image and orientation) is kept. Encoding goes
+through :mod:`redifine_core.vae` (sliced batches, ``force_upcast``, tiling).
+
+Modules that are not needed while stepping (text encoders that are not trained once their embeddings are cached, the
+VAE once latents are cached) leave the GPU through :class:`ModuleParking` and come back when training closes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..vae import encode_moments
+
+ENCODE_BATCH = 4  # images per VAE encode call while caching
+
+
+# ---------------------------------------------------------------------------------------------------- images
+
+
+def _resize_short_side(img: Any, size: int) -> Any:
+    """PIL image resized (Lanczos) so that its shorter side is ``size``."""
+    from PIL import Image
+
+    w, h = img.size
+    s = size / min(w, h)
+    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    return img.resize((nw, nh), Image.Resampling.LANCZOS) if (nw, nh) != (w, h) else img
+
+
+def _to_uint8(img: Any) -> torch.Tensor:
+    """PIL RGB image -> uint8 tensor [3, H, W]."""
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def uint8_to_pixels(u8: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32 in [-1, 1] (the VAE's input range)."""
+    return u8.float().div_(127.5).sub_(1.0)
+
+
+def _to_pixels(img: Any) -> torch.Tensor:
+    """PIL RGB image -> float32 [3, H, W] in [-1, 1]."""
+    return uint8_to_pixels(_to_uint8(img))
+
+
+def mirrored_left(width: int, left: int, crop: int) -> int:
+    """The crop's left offset after a horizontal flip of the resized image: ``width - left - crop``.
+
+    Flipping a crop is the same as cropping the flipped image at the mirrored offset, which is what SDXL's
+    ``crops_coords_top_left`` conditioning must then say. diffusers' ``train_text_to_image_sdxl.py`` writes
+    ``x1 = image.width - x1`` after cropping (``image.width`` is then the crop width): for a square image that
+    reports an offset of a whole crop width although nothing was cropped, so we use the geometric mirror instead.
+    """
+    return width - left - crop
+
+
+@dataclass
+class ResizedImages:
+    """The data set at the training resolution: shorter side ``resolution``, uncropped, uint8 [3, H, W]."""
+
+    images: list
+    orig_sizes: list  # (height, width) before resizing: SDXL's original-size conditioning
+    resolution: int
+
+    @classmethod
+    def build(cls, pil_images: Sequence[Any], resolution: int) -> "ResizedImages":
+        images, sizes = [], []
+        for im in pil_images:
+            sizes.append((im.height, im.width))
+            images.append(_to_uint8(_resize_short_side(im, resolution)))
+        return cls(images, sizes, resolution)
+
+    def size(self, i: int) -> tuple[int, int]:
+        h, w = self.images[i].shape[-2:]
+        return int(h), int(w)
+
+    def center_offsets(self, i: int) -> tuple[int, int]:
+        h, w = self.size(i)
+        return (h - self.resolution) // 2, (w - self.resolution) // 2
+
+    def crop(self, i: int, top: int, left: int) -> torch.Tensor:
+        R = self.resolution
+        return self.images[i][:, top:top + R, left:left + R]
+
+
+# ---------------------------------------------------------------------------------------------------- latents
+
+
+class LatentCache:
+    """Latent distribution (raw VAE space, float32, on the pipeline's device) of every image's center crop, and of
+    its mirror image when ``flip``. Pixels are resized, cropped and encoded ``ENCODE_BATCH`` images at a time."""
+
+    def __init__(self, pipeline: Any, pil_images: Sequence[Any], resolution: int, flip: bool) -> None:
+        self.resolution = resolution
+        self.orig_sizes: list[tuple[int, int]] = []
+        self.sizes: list[tuple[int, int]] = []  # after resizing
+        self.offsets: list[tuple[int, int]] = []  # center-crop (top, left)
+        means, stds, means_f, stds_f = [], [], [], []
+        for start in range(0, len(pil_images), ENCODE_BATCH):
+            chunk = ResizedImages.build(pil_images[start:start + ENCODE_BATCH], resolution)
+            crops = []
+            for j in range(len(chunk.images)):
+                top, left = chunk.center_offsets(j)
+                self.offsets.append((top, left))
+                self.sizes.append(chunk.size(j))
+                crops.append(chunk.crop(j, top, left))
+            self.orig_sizes.extend(chunk.orig_sizes)
+            batch = uint8_to_pixels(torch.stack(crops))
+            m, s = encode_moments(pipeline, batch, batch_size=ENCODE_BATCH)
+            means.append(m)
+            stds.append(s)
+            if flip:
+                m, s = encode_moments(pipeline, torch.flip(batch, dims=[-1]), batch_size=ENCODE_BATCH)
+                means_f.append(m)
+                stds_f.append(s)
+        self.mean, self.std = torch.cat(means), torch.cat(stds)
+        self.mean_f = torch.cat(means_f) if flip else None
+        self.std_f = torch.cat(stds_f) if flip else None
+
+    def moments(self, idx: list[int], flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the samples ``idx``; the mirrored image's where ``flip`` is True."""
+        ii = torch.tensor(idx, device=self.mean.device)
+        mean, std = self.mean[ii], self.std[ii]
+        if self.mean_f is not None and bool(flip.any()):
+            f = flip.to(self.mean.device).view(-1, 1, 1, 1)
+            mean = torch.where(f, self.mean_f[ii], mean)
+            std = torch.where(f, self.std_f[ii], std)
+        return mean, std
+
+    def crop_top_left(self, i: int, flipped: bool) -> tuple[int, int]:
+        """The (top, left) crop offset SDXL is conditioned on for image ``i``."""
+        top, left = self.offsets[i]
+        return (top, mirrored_left(self.sizes[i][1], left, self.resolution)) if flipped else (top, left)
+
+
+# ------------------------------------------------------------------------------------------------------- text
+
+
+class TextEncoder:
+    """Prompt embeddings [B, 77, D] (and SDXL pooled embeddings [B, P]) from the pipeline's text encoder(s)."""
+
+    def __init__(self, pipeline: Any, sdxl: bool) -> None:
+        self.pipeline = pipeline
+        self.sdxl = sdxl
+
+    def parts(self) -> list[tuple[str, Any, Any]]:
+        """(name, encoder, tokenizer) of every text encoder."""
+        p = self.pipeline
+        parts = [("text_encoder", p.text_encoder, p.tokenizer)]
+        if self.sdxl:
+            parts.append(("text_encoder_2", p.text_encoder_2, p.tokenizer_2))
+        return parts
+
+    def _ids(self, tokenizer: Any, texts: list[str], device: torch.device) -> torch.Tensor:
+        return tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids.to(device)
+
+    def __call__(self, texts: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if not self.sdxl:
+            te, tok = self.pipeline.text_encoder, self.pipeline.tokenizer
+            return te(self._ids(tok, texts, module_device(te)))[0], None
+        embeds, pooled = [], None
+        for _, te, tok in self.parts():
+            out = te(self._ids(tok, texts, module_device(te)), output_hidden_states=True)
+            embeds.append(out.hidden_states[-2])
+            pooled = out[0]  # text_embeds of the projection model (the last encoder)
+        return torch.cat(embeds, dim=-1), pooled
+
+
+class TextCache:
+    """Embeddings of every distinct caption and of ``""`` (in ``dtype``, on the encoder's device), encoded once.
+
+    SDXL checkpoints flagged ``force_zeros_for_empty_prompt`` use a zero embedding as the unconditional input at
+    sampling time; with ``zero_uncond`` the cached ``""`` embedding is that zero, so condition drop trains towards it.
+    """
+
+    def __init__(self, encoder: TextEncoder, captions: Sequence[str], dtype: torch.dtype, zero_uncond: bool,
+                 chunk: int = 16) -> None:
+        self.unique = list(dict.fromkeys(list(captions) + [""]))
+        self.empty_id = self.unique.index("")
+        self.ids = [self.unique.index(c) for c in captions]
+        with torch.no_grad():
+            parts = [encoder(self.unique[i:i + chunk]) for i in range(0, len(self.unique), chunk)]
+        self.embeds = torch.cat([e for e, _ in parts]).to(dtype)
+        self.pooled = torch.cat([p for _, p in parts]).to(dtype) if encoder.sdxl else None
+        if zero_uncond:
+            self.embeds[self.empty_id] = 0
+            self.pooled[self.empty_id] = 0  # type: ignore[index]
+
+    def lookup(self, idx: list[int], drop: list[bool]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        tid = torch.tensor([self.empty_id if d else self.ids[i] for d, i in zip(drop, idx)],
+                           device=self.embeds.device)
+        return self.embeds[tid], (self.pooled[tid] if self.pooled is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------- GPU memory
+
+
+def module_device(module: Any) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+class ModuleParking:
+    """Moves modules off the accelerator for the rest of a run and puts each back where it was on :meth:`restore`.
+
+    ``Module.to`` keeps the same Parameter objects (it swaps their ``data``), so a restored module is the same object
+    with the same values on the same device. Modules already on the CPU are left alone.
+    """
+
+    def __init__(self) -> None:
+        self._parked: list[tuple[Any, torch.device]] = []
+
+    def park(self, module: Any) -> bool:
+        if module is None:
+            return False
+        dev = module_device(module)
+        if dev.type == "cpu":
+            return False
+        self._parked.append((module, dev))
+        module.to("cpu")
+        return True
+
+    @property
+    def parked(self) -> list:
+        return [m for m, _ in self._parked]
+
+    def restore(self) -> None:
+        while self._parked:
+            module, dev = self._parked.pop()
+            module.to(dev)
+
+
+def empty_cuda_cache(device: torch.device) -> None:
+    """Give cached CUDA blocks back between phases (nothing to do on other devices)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

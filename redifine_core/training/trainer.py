@@ -1,0 +1,525 @@
+"""The LoRA training loop: :class:`LoraTrainer` (set up, :meth:`~LoraTrainer.step`, close) and :func:`finetune_lora`.
+
+A step, as in diffusers' ``train_text_to_image_lora.py``: sample latents (cached VAE moments, or a fresh encode of a
+random crop), add DDPM noise at uniform timesteps, look up the caption embeddings (``""`` for dropped captions),
+predict with the UNet under the precision recipe's autocast, MSE against the noise (or the velocity), backward through
+the gradient scaler when the recipe has one, clip, AdamW. What differs from the example and why:
+
+* Every random draw comes from one of four seeded CPU generators (sample order, condition drop, augmentation, noise),
+  drawn in a fixed order per micro-batch, so the drop pattern and the samples depend only on ``seed``, ``batch_size``,
+  ``grad_accum`` and the step, never on caching, cropping or the device. :attr:`TrainResult.drop_masks` records it.
+* The pipeline is borrowed, not owned: the adapter is removed in ``close`` whatever happens (success, error,
+  cancel), and everything changed for training is put back: ``requires_grad`` flags, train/eval modes, gradient
+  checkpointing, modules parked on the CPU. Frozen weights that are inference tensors (a pipeline loaded inside
+  ComfyUI's ``torch.inference_mode()``) are replaced in place by ordinary copies with the same values, since autograd
+  cannot save inference tensors.
+* The trained modules are put in train mode while training (as the example does): transformers' text encoders only
+  checkpoint in train mode, and older diffusers UNets only checkpoint in train mode too. SD's UNet and CLIP have no
+  active dropout, so results are the same as in eval mode.
+* Learning rate: linear warm-up then constant (step k uses lr * min(1, (k+1)/warmup_steps)).
+
+Determinism: same seed and inputs give identical LoRA tensors on CPU (tested). On an H100 the fp16/bf16 runs were
+bit-identical run to run, while fp32 runs differed by up to ~1e-4 (non-deterministic CUDA kernels;
+``torch.use_deterministic_algorithms(True)`` is the caller's switch for that).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data import CaptionedImages
+from ..lora import (
+    TEXT_ENCODER_TARGETS,
+    LoraWeights,
+    add_lora_adapter,
+    remove_lora_adapters,
+    set_lora_state,
+    te_from_canonical,
+    te_to_canonical,
+)
+from ..progress import CancelFlag, ProgressCallback, ProgressEvent, check_cancel, report
+from ..vae import encode_moments, scale_latents
+from .caches import (
+    LatentCache,
+    ModuleParking,
+    ResizedImages,
+    TextCache,
+    TextEncoder,
+    empty_cuda_cache,
+    mirrored_left,
+    uint8_to_pixels,
+)
+from .config import TrainConfig, TrainResult
+from .precision import resolve_precision
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def noisy_and_target(alphas_cumprod: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                     prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DDPM forward process and the regression target: (``add_noise``, noise or ``get_velocity``)."""
+    acp = alphas_cumprod[t].view(-1, *([1] * (latents.ndim - 1)))
+    sqrt_a, sqrt_1ma = acp.sqrt(), (1.0 - acp).sqrt()
+    noisy = sqrt_a * latents + sqrt_1ma * noise
+    if prediction_type == "epsilon":
+        return noisy, noise
+    return noisy, sqrt_a * noise - sqrt_1ma * latents
+
+
+def _seeds(seed: int, n: int) -> list[int]:
+    return [int(s) for s in np.random.SeedSequence(seed).generate_state(n, dtype=np.uint64) % (2**63)]
+
+
+def _replace_inference_tensors(model: torch.nn.Module) -> int:
+    """Swap inference-mode parameters/buffers of ``model`` for ordinary copies (same values); return how many."""
+    n = 0
+    for mod in model.modules():
+        for name, prm in list(mod._parameters.items()):
+            if prm is not None and prm.is_inference():
+                mod._parameters[name] = torch.nn.Parameter(prm.clone(), requires_grad=prm.requires_grad)
+                n += 1
+        for name, buf in list(mod._buffers.items()):
+            if buf is not None and buf.is_inference():
+                mod._buffers[name] = buf.clone()
+                n += 1
+    return n
+
+
+def _vae_scale_factor(pipeline: Any) -> int:
+    v = getattr(pipeline, "vae_scale_factor", None)
+    return int(v) if v else 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+
+
+def _default_size(pipeline: Any) -> int:
+    v = getattr(pipeline, "default_size", None)
+    if isinstance(v, int) and v > 0:
+        return v
+    return int(pipeline.unet.config.sample_size) * _vae_scale_factor(pipeline)
+
+
+def _is_sdxl(pipeline: Any) -> bool:
+    v = getattr(pipeline, "is_sdxl", None)
+    return v if isinstance(v, bool) else getattr(pipeline, "text_encoder_2", None) is not None
+
+
+def _device(pipeline: Any) -> torch.device:
+    d = getattr(pipeline, "device", None)
+    return torch.device(d) if d is not None else next(pipeline.unet.parameters()).device
+
+
+def _force_zeros_for_empty_prompt(pipeline: Any) -> bool:
+    own = getattr(pipeline, "__dict__", {})
+    if "force_zeros_for_empty_prompt" in own:  # redifine_core.models.Pipeline
+        return bool(own["force_zeros_for_empty_prompt"])
+    cfg = getattr(pipeline, "config", None)  # a diffusers pipeline
+    return bool(cfg.get("force_zeros_for_empty_prompt", False)) if isinstance(cfg, dict) else False
+
+
+def _base_model_version(pipeline: Any) -> str:
+    kind = getattr(pipeline, "kind", None) or ("sdxl" if _is_sdxl(pipeline) else "sd1")
+    return {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "toy": "redifine_toy"}.get(kind, str(kind))
+
+
+def _enable_te_checkpointing(te: Any) -> None:
+    if hasattr(te, "activation_checkpointing_enable"):  # transformers >= 5.x
+        te.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _disable_te_checkpointing(te: Any) -> None:
+    (getattr(te, "activation_checkpointing_disable", None) or te.gradient_checkpointing_disable)()
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+
+
+class LoraTrainer:
+    """One LoRA finetuning run: set up with the adapter injected, call :meth:`step` per optimizer step, then
+    :meth:`close` (or use as a context manager), which removes the adapter. Call inside grad mode."""
+
+    def __init__(self, pipeline: Any, dataset: CaptionedImages, config: TrainConfig,
+                 init_lora: Optional[LoraWeights] = None) -> None:
+        if not isinstance(config, TrainConfig):
+            raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+        if not isinstance(dataset, CaptionedImages):
+            raise ValueError(f"dataset must be a CaptionedImages, got {type(dataset).__name__}")
+        if len(dataset) == 0:
+            raise ValueError("dataset is empty: training needs at least one image")
+        self.pipeline, self.dataset, self.config = pipeline, dataset, config
+        self.device = _device(pipeline)
+        self.sdxl = _is_sdxl(pipeline)
+        self.unet_dtype = next(pipeline.unet.parameters()).dtype
+        self.precision = resolve_precision(config.mixed_precision, self.unet_dtype, self.device)
+        self.checkpointing = config.checkpointing_for(self.sdxl)
+        self.resolution = config.resolution or _default_size(pipeline)
+        vsf = _vae_scale_factor(pipeline)
+        if self.resolution % vsf:
+            raise ValueError(f"resolution {self.resolution} is not a multiple of the VAE scale factor {vsf}")
+        if init_lora is not None:
+            self._check_init_lora(init_lora)
+        self.init_lora = init_lora
+        self.latent_hw = self.resolution // vsf
+        self.latent_channels = int(pipeline.unet.config.in_channels)
+        self.random_crop = not config.center_crop
+        self.cache_latents = config.cache_latents and not self.random_crop
+        self.train_te = config.trains_text_encoder
+        self.step_count = 0
+        self.drop_masks: list[list[bool]] = []
+        self.sample_indices: list[list[int]] = []
+        self._closed = False
+        self._state: dict[str, Any] = {}
+        self._injected: list[torch.nn.Module] = []
+        self._parking = ModuleParking()
+        self._queue: list[int] = []
+
+        from diffusers import DDPMScheduler
+
+        self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+        pred = getattr(pipeline, "prediction_type", None) or pipeline.scheduler.config.get("prediction_type", "epsilon")
+        if pred not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction type {pred!r} is not supported for training (epsilon or v_prediction)")
+        self.prediction_type = pred
+        self.num_train_timesteps = int(self.noise_scheduler.config.num_train_timesteps)
+        self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device, torch.float32)
+
+        s = _seeds(config.seed, 5)
+        self.g_index = torch.Generator().manual_seed(s[0])
+        self.g_drop = torch.Generator().manual_seed(s[1])
+        self.g_aug = torch.Generator().manual_seed(s[2])
+        self.g_noise = torch.Generator().manual_seed(s[3])
+        self._init_seed = s[4]
+
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------------------------------------ setup
+
+    def _check_init_lora(self, lora: LoraWeights) -> None:
+        c = self.config
+        if lora.rank != c.rank:
+            raise ValueError(f"init_lora has rank {lora.rank} but TrainConfig.rank = {c.rank}; they must match")
+        if not math.isclose(lora.alpha, c.alpha, rel_tol=1e-6):
+            raise ValueError(f"init_lora has alpha {lora.alpha} but TrainConfig.alpha = {c.alpha}; they must match")
+        if bool(lora.text_encoder) != c.trains_text_encoder:
+            raise ValueError(
+                "init_lora " + ("has" if lora.text_encoder else "has no") + " text-encoder weights but TrainConfig.target "
+                + ("does not include" if lora.text_encoder else "includes") + " 'text_encoder'"
+            )
+
+    def _text_parts(self) -> list[tuple[str, Any, Any]]:
+        return self.text_encoder.parts()
+
+    def _setup(self) -> None:
+        p, c = self.pipeline, self.config
+        unet = p.unet
+        self.text_encoder = TextEncoder(p, self.sdxl)
+        trained = [("unet", unet)] + ([(n, te) for n, te, _ in self._text_parts()] if self.train_te else [])
+        self._state["requires_grad"] = {name: {k: v.requires_grad for k, v in m.named_parameters()}
+                                        for name, m in [("unet", unet)] + [(n, te) for n, te, _ in self._text_parts()]}
+        self._state["modes"] = [(m, [(sub, sub.training) for sub in m.modules()]) for _, m in trained]
+        self._state["gc"] = bool(unet.is_gradient_checkpointing)
+        self._state["te_gc"] = {n: any(getattr(m, "gradient_checkpointing", False) for m in te.modules())
+                                for n, te, _ in self._text_parts()}
+
+        # phase 1: latents (or the uint8 images a step crops and encodes)
+        if self.cache_latents:
+            self.latents = LatentCache(p, self.dataset.images, self.resolution, self.config.random_flip)
+            self.images = None
+        else:
+            self.latents = None
+            self.images = ResizedImages.build(self.dataset.images, self.resolution)
+        empty_cuda_cache(self.device)
+
+        # phase 2: text embeddings; then what a step does not need leaves the GPU until close()
+        self.zero_uncond = self.sdxl and _force_zeros_for_empty_prompt(p)
+        self.text_cache = None
+        if not self.train_te:
+            self.text_cache = TextCache(self.text_encoder, self.dataset.captions, self.unet_dtype, self.zero_uncond)
+            for _, te, _ in self._text_parts():
+                self._parking.park(te)
+        self.unique_captions = list(dict.fromkeys(list(self.dataset.captions) + [""]))
+        self.caption_id_list = [self.unique_captions.index(cap) for cap in self.dataset.captions]
+        self.empty_id = self.unique_captions.index("")
+        if self.cache_latents:
+            self._parking.park(p.vae)
+        empty_cuda_cache(self.device)
+
+        # phase 3: the adapter (fp32 LoRA parameters on frozen weights), checkpointing, train mode, optimizer
+        for _, m in trained:  # frozen inference tensors cannot be saved for backward
+            _replace_inference_tensors(m)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self._init_seed)
+            for _, m in trained:
+                self._injected.append(m)
+                add_lora_adapter(m, c.rank, c.alpha, c.unet_target_modules if m is unet else TEXT_ENCODER_TARGETS)
+        if self.init_lora is not None:
+            set_lora_state(unet, self.init_lora.unet, "unet")
+            if self.train_te:
+                for name, te, _ in self._text_parts():
+                    sd = getattr(self.init_lora, name)
+                    set_lora_state(te, {te_from_canonical(k, te): v for k, v in sd.items()}, name)
+        self.params: list[torch.nn.Parameter] = []
+        for m in self._injected:
+            for n, prm in m.named_parameters():
+                if ".lora_" in n:
+                    prm.data = prm.data.float()
+                    prm.requires_grad_(True)
+                    self.params.append(prm)
+                else:
+                    prm.requires_grad_(False)
+        if self.checkpointing:
+            unet.enable_gradient_checkpointing()
+            if self.train_te:
+                for _, te, _ in self._text_parts():
+                    _enable_te_checkpointing(te)
+        for _, m in trained:
+            m.train()
+        self.optimizer = torch.optim.AdamW(self.params, lr=c.learning_rate, weight_decay=c.weight_decay)
+        self.scaler = self.precision.make_scaler()
+
+    # ----------------------------------------------------------------------------------------------- stepping
+
+    def _next_indices(self, n: int) -> list[int]:
+        while len(self._queue) < n:
+            self._queue.extend(torch.randperm(len(self.dataset), generator=self.g_index).tolist())
+        out, self._queue = self._queue[:n], self._queue[n:]
+        return out
+
+    def _lr(self, k: int) -> float:
+        w = self.config.warmup_steps
+        return self.config.learning_rate * (min(1.0, (k + 1) / w) if w > 0 else 1.0)
+
+    def _encode_crops(self, idx: list[int], flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """Crop (random or center), flip and encode the samples ``idx``: (mean, std, SDXL crop offsets)."""
+        imgs, R = self.images, self.resolution
+        crops, offsets = [], []
+        for j, i in enumerate(idx):
+            h, w = imgs.size(i)
+            if self.random_crop:
+                top = int(torch.randint(0, h - R + 1, (1,), generator=self.g_aug))
+                left = int(torch.randint(0, w - R + 1, (1,), generator=self.g_aug))
+            else:
+                top, left = imgs.center_offsets(i)
+            crop = imgs.crop(i, top, left)
+            crops.append(torch.flip(crop, dims=[-1]) if flip[j] else crop)
+            offsets.append((top, mirrored_left(w, left, R) if flip[j] else left))
+        mean, std = encode_moments(self.pipeline, uint8_to_pixels(torch.stack(crops)), batch_size=len(idx))
+        return mean, std, offsets
+
+    def _micro_batch(self) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+        """One micro-batch: (loss, indices, drop mask). Random draws in a fixed order, independent of caching."""
+        c, dev = self.config, self.device
+        B = c.batch_size
+        idx = self._next_indices(B)
+        drop = torch.rand(B, generator=self.g_drop) < c.cond_drop if c.cond_drop > 0 else torch.zeros(B, dtype=torch.bool)
+        flip = (torch.rand(B, generator=self.g_aug) < 0.5) if c.random_flip else torch.zeros(B, dtype=torch.bool)
+        shape = (B, self.latent_channels, self.latent_hw, self.latent_hw)
+        eps = torch.randn(shape, generator=self.g_noise)
+        noise = torch.randn(shape, generator=self.g_noise)
+        if c.noise_offset > 0:
+            noise = noise + c.noise_offset * torch.randn((B, self.latent_channels, 1, 1), generator=self.g_noise)
+        t = torch.randint(0, self.num_train_timesteps, (B,), generator=self.g_noise)
+
+        # latents: a sample of the VAE's latent distribution, in the UNet's latent space
+        if self.latents is not None:
+            mean, std = self.latents.moments(idx, flip)
+            offsets = [self.latents.crop_top_left(i, bool(f)) for i, f in zip(idx, flip.tolist())]
+        else:
+            mean, std, offsets = self._encode_crops(idx, flip)
+        latents = scale_latents(self.pipeline, torch.addcmul(mean, std, eps.to(dev, non_blocking=True)))
+        noise, t = noise.to(dev, non_blocking=True), t.to(dev, non_blocking=True)
+        noisy, target = noisy_and_target(self.alphas_cumprod, latents, noise, t, self.prediction_type)
+
+        # text: cached embeddings, or encoded with grad when the text encoders train
+        if self.text_cache is not None:
+            enc, pooled = self.text_cache.lookup(idx, drop.tolist())
+        else:
+            ids = [self.empty_id if d else self.caption_id_list[i] for d, i in zip(drop.tolist(), idx)]
+            with self.precision.autocast():
+                enc, pooled = self.text_encoder([self.unique_captions[k] for k in ids])
+            if self.zero_uncond and bool(drop.any()):
+                keep = (~drop).to(dev)
+                enc = enc * keep.view(-1, 1, 1).to(enc.dtype)
+                pooled = pooled * keep.view(-1, 1).to(pooled.dtype)
+        added = None
+        if self.sdxl:
+            R = self.resolution
+            time_ids = torch.tensor([[*self._orig_size(i), top, left, R, R] for i, (top, left) in zip(idx, offsets)],
+                                    dtype=torch.float32, device=dev)
+            added = {"text_embeds": pooled, "time_ids": time_ids.to(pooled.dtype)}
+
+        udt = self.unet_dtype
+        with self.precision.autocast():
+            pred = self.pipeline.unet(noisy.to(udt), t, encoder_hidden_states=enc.to(udt), added_cond_kwargs=added,
+                                      return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), target.float())
+        return loss, idx, drop
+
+    def _orig_size(self, i: int) -> tuple[int, int]:
+        source = self.latents if self.latents is not None else self.images
+        return source.orig_sizes[i]
+
+    def step(self) -> float:
+        """One optimizer step (``grad_accum`` micro-batches); returns the mean loss."""
+        if self._closed:
+            raise RuntimeError("LoraTrainer.step called after close()")
+        c = self.config
+        for g in self.optimizer.param_groups:
+            g["lr"] = self._lr(self.step_count)
+        total, drops, indices = 0.0, [], []
+        for _ in range(c.grad_accum):
+            loss, idx, drop = self._micro_batch()
+            scaled = loss / c.grad_accum if c.grad_accum > 1 else loss
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            total += float(loss.detach())
+            drops.extend(drop.tolist())
+            indices.extend(idx)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if c.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when the scaled gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        self.drop_masks.append(drops)
+        self.sample_indices.append(indices)
+        loss_value = total / c.grad_accum
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"training loss became {loss_value} at step {self.step_count}; "
+                                     "lower the learning rate or train in float32 (mixed_precision='no')")
+        return loss_value
+
+    # --------------------------------------------------------------------------------------------- results
+
+    def lora_weights(self, metadata: Optional[dict] = None) -> LoraWeights:
+        """The current LoRA as CPU float32 tensors in peft layout, with ss_* metadata."""
+        from peft import get_peft_model_state_dict
+
+        c = self.config
+        unet_sd = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(self.pipeline.unet).items()}
+        te_sds: dict[str, dict[str, torch.Tensor]] = {"text_encoder": {}, "text_encoder_2": {}}
+        if self.train_te:
+            for name, te, _ in self._text_parts():
+                te_sds[name] = {te_to_canonical(k, te): v.detach().float().cpu().clone()
+                                for k, v in get_peft_model_state_dict(te).items()}
+        md = {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(c.rank),
+            "ss_network_alpha": str(c.alpha),
+            "ss_network_args": json.dumps({"target": list(c.target)}),
+            "ss_base_model_version": _base_model_version(self.pipeline),
+            "ss_v2": str(getattr(self.pipeline, "kind", "") == "sd2"),
+            "ss_caption_dropout_rate": str(c.cond_drop),
+            "ss_steps": str(self.step_count),
+            "ss_max_train_steps": str(c.steps),
+            "ss_learning_rate": str(c.learning_rate),
+            "ss_lr_warmup_steps": str(c.warmup_steps),
+            "ss_lr_scheduler": "constant_with_warmup" if c.warmup_steps else "constant",
+            "ss_optimizer": "torch.optim.AdamW",
+            "ss_resolution": f"({self.resolution}, {self.resolution})",
+            "ss_batch_size_per_device": str(c.batch_size),
+            "ss_gradient_accumulation_steps": str(c.grad_accum),
+            "ss_gradient_checkpointing": str(self.checkpointing),
+            "ss_mixed_precision": self.precision.name,
+            "ss_noise_offset": str(c.noise_offset),
+            "ss_flip_aug": str(c.random_flip),
+            "ss_random_crop": str(not c.center_crop),
+            "ss_cache_latents": str(self.cache_latents),
+            "ss_num_train_images": str(len(self.dataset)),
+            "ss_seed": str(c.seed),
+            "ss_max_grad_norm": str(c.max_grad_norm),
+            "ss_training_comment": "trained by ComfyUI-ReDiFine (condition-drop LoRA finetuning)",
+            "redifine_train_config": json.dumps(c.to_dict(), sort_keys=True),
+            "redifine_prediction_type": self.prediction_type,
+            "redifine_weight_dtype": str(self.unet_dtype).replace("torch.", ""),
+        }
+        if metadata:
+            md.update({str(k): str(v) for k, v in metadata.items()})
+        return LoraWeights(unet=unet_sd, text_encoder=te_sds["text_encoder"], text_encoder_2=te_sds["text_encoder_2"],
+                           rank=c.rank, alpha=float(c.alpha), target_modules=c.unet_target_modules, metadata=md)
+
+    def close(self) -> None:
+        """Remove the adapter and put the pipeline back as it was; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        p = self.pipeline
+        for m in self._injected:
+            remove_lora_adapters(m)
+        self._injected = []
+        models = {"unet": p.unet, "text_encoder": getattr(p, "text_encoder", None),
+                  "text_encoder_2": getattr(p, "text_encoder_2", None)}
+        for name, flags in self._state.get("requires_grad", {}).items():
+            m = models.get(name)
+            if m is None:
+                continue
+            for k, prm in m.named_parameters():
+                if k in flags and prm.requires_grad != flags[k]:
+                    prm.requires_grad_(flags[k])
+        for _, modes in self._state.get("modes", []):
+            for sub, training in modes:
+                sub.training = training
+        if "gc" in self._state and not self._state["gc"] and p.unet.is_gradient_checkpointing:
+            p.unet.disable_gradient_checkpointing()
+        if self.train_te and self.checkpointing and "te_gc" in self._state:
+            for name, te, _ in self._text_parts():
+                if not self._state["te_gc"].get(name, False):
+                    _disable_te_checkpointing(te)
+        self._parking.restore()
+        self.optimizer = None  # type: ignore[assignment]
+        self.latents = self.images = self.text_cache = None
+        empty_cuda_cache(self.device)
+
+    def __enter__(self) -> "LoraTrainer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def finetune_lora(pipeline: Any, dataset: CaptionedImages, config: TrainConfig,
+                  progress: Optional[ProgressCallback] = None, cancel: Optional[CancelFlag] = None,
+                  init_lora: Optional[LoraWeights] = None) -> TrainResult:
+    """Train a LoRA on ``dataset`` with condition drop; the pipeline is left unchanged (adapter removed).
+
+    ``pipeline`` is a :class:`redifine_core.models.Pipeline` (a diffusers pipeline object works too). Works inside
+    ``torch.inference_mode()``. Raises :class:`~redifine_core.progress.Cancelled` if ``cancel`` is set (checked before
+    every step). ``init_lora`` continues training an existing LoRA (the chain's "continue" protocol).
+    """
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+    check_cancel(cancel)
+    t0 = time.perf_counter()
+    with torch.inference_mode(False), torch.enable_grad():
+        trainer = LoraTrainer(pipeline, dataset, config, init_lora=init_lora)
+        try:
+            losses: list[float] = []
+            t_start = time.perf_counter()
+            for k in range(config.steps):
+                check_cancel(cancel)
+                losses.append(trainer.step())
+                done = k + 1
+                elapsed = time.perf_counter() - t_start
+                eta = elapsed / done * (config.steps - done)
+                report(progress, ProgressEvent(phase="train", step=done, total=config.steps, loss=losses[-1],
+                                               eta_s=eta, message=f"step {done}/{config.steps} loss {losses[-1]:.4f}"))
+            lora = trainer.lora_weights()
+        finally:
+            trainer.close()
+    return TrainResult(lora=lora, losses=losses, seconds=time.perf_counter() - t0,
+                       drop_masks=trainer.drop_masks, sample_indices=trainer.sample_indices)
