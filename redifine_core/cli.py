@@ -11,10 +11,13 @@ import json
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
+from . import bounds
+from .chain_toml import ChainJob, check_job, load_job_dataset, load_job_pipeline, parse_chain_toml  # noqa: F401
+from .paths import check_output_dir, check_output_file
 from .progress import Cancelled, CancelToken, ProgressEvent
 
 EXIT_OK = 0
@@ -94,171 +97,90 @@ class _SigintCancel:
             signal.signal(signal.SIGINT, self._old)
 
 
-# ----------------------------------------------------------------------------------------------------- TOML config
-@dataclass(frozen=True)
-class ChainJob:
-    """A ``redifine chain`` TOML file, parsed and validated (nothing loaded yet)."""
+# ------------------------------------------------------------------------------------------- third-party output
+@contextmanager
+def _third_party_quiet(verbose: bool = False) -> Iterator[None]:
+    """Unless ``verbose``: transformers/diffusers warnings and "Loading ..." bars and Python warnings off the screen.
 
-    pipeline_source: str
-    tokenizer_dir: Optional[str]
-    device: Optional[str]
-    dtype: Optional[str]
-    dataset_source: str
-    default_caption: Optional[str]
-    dataset_limit: Optional[int]
-    config: Any  # chain.ChainConfig
+    Our own progress bars are separate (``--quiet``). With both off, an error is the one line on stderr.
+    """
+    if verbose:
+        yield
+        return
+    import warnings
 
-
-_TOP_KEYS = ("pipeline", "dataset", "chain", "train", "methods")
-_PIPELINE_KEYS = {"source": str, "tokenizer_dir": str, "device": str, "dtype": str}
-_DATASET_KEYS = {"source": str, "default_caption": str, "limit": int}
-_DTYPES = ("float32", "float16", "bfloat16")
-
-
-def _table(d: dict, name: str, spec: dict[str, type], required: Sequence[str]) -> dict:
-    if not isinstance(d, dict):
-        raise ValueError(f"[{name}] must be a table")
-    for k, v in d.items():
-        if k not in spec:
-            raise ValueError(f"unknown key '{name}.{k}' (allowed: {', '.join(spec)})")
-        if not isinstance(v, spec[k]) or isinstance(v, bool):
-            raise ValueError(f"{name}.{k}: expected {spec[k].__name__}, got {v!r}")
-    for k in required:
-        if k not in d:
-            raise ValueError(f"missing key '{name}.{k}'")
-    return d
-
-
-def _resolve(path: str, base: Path) -> str:
-    p = Path(os.path.expanduser(path))
-    return str(p if p.is_absolute() else (base / p))
-
-
-def parse_chain_toml(path: str | os.PathLike) -> ChainJob:
-    """Read and validate a chain TOML (see examples/chain.toml); ValueError names the offending key."""
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    from .chain import ChainConfig
-
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"config file {str(path)!r} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"{path.name} is not valid TOML: {e}") from None
-    for k in data:
-        if k not in _TOP_KEYS:
-            raise ValueError(f"unknown key '{k}' (allowed top-level tables: {', '.join(_TOP_KEYS)})")
-    base = path.resolve().parent
-    pipe = _table(data.get("pipeline", {}), "pipeline", _PIPELINE_KEYS, ["source"])
-    ds = _table(data.get("dataset", {}), "dataset", _DATASET_KEYS, ["source"])
-    if "dtype" in pipe and pipe["dtype"] not in _DTYPES:
-        raise ValueError(f"pipeline.dtype={pipe['dtype']!r} is not allowed; use one of {_DTYPES}")
-    if "limit" in ds and ds["limit"] < 2:
-        raise ValueError(f"dataset.limit={ds['limit']!r} must be >= 2")
-    chain = data.get("chain", {})
-    if not isinstance(chain, dict):
-        raise ValueError("[chain] must be a table")
-    methods = data.get("methods")
-    if not isinstance(methods, list) or not methods:
-        raise ValueError("missing key 'methods': add at least one [[methods]] table")
-    overlap = [k for k in ("methods", "train") if k in chain]
-    if overlap:
-        raise ValueError(f"unknown key 'chain.{overlap[0]}' (use the top-level [{overlap[0]}] table)")
-    cfg_dict = dict(chain, methods=methods)
-    if "train" in data:
-        cfg_dict["train"] = data["train"]
-    config = ChainConfig.from_dict(cfg_dict)
-    src = pipe["source"]
-    if src != "toy":
-        src = _resolve(src, base)
-    dsrc = ds["source"]
-    if not dsrc.startswith("toy:"):
-        dsrc = _resolve(dsrc, base)
-    else:
-        n = dsrc[4:]
-        if not n.isdigit() or int(n) < 2:
-            raise ValueError(f"dataset.source={dsrc!r}: the toy set is 'toy:N' with N >= 2")
-    return ChainJob(
-        pipeline_source=src,
-        tokenizer_dir=_resolve(pipe["tokenizer_dir"], base) if "tokenizer_dir" in pipe else None,
-        device=pipe.get("device"),
-        dtype=pipe.get("dtype"),
-        dataset_source=dsrc,
-        default_caption=ds.get("default_caption"),
-        dataset_limit=ds.get("limit"),
-        config=config,
-    )
-
-
-def load_job_dataset(job: ChainJob):
-    """D_0 of a job: the toy set ("toy:N") or a folder of images + .txt captions."""
-    from .data import CaptionedImages
-
-    if job.dataset_source.startswith("toy:"):
-        from .toy.dataset import make_toy_dataset
-
-        return make_toy_dataset(int(job.dataset_source[4:]))
-    folder = Path(job.dataset_source)
-    if not folder.is_dir():
-        raise UsageError(f"dataset.source {str(folder)!r} is not a folder")
-    ds = CaptionedImages.from_folder(folder, default_caption=job.default_caption)
-    if job.dataset_limit is not None and len(ds) > job.dataset_limit:
-        ds = CaptionedImages.from_images(list(ds.images[: job.dataset_limit]), list(ds.captions[: job.dataset_limit]))
-    return ds
-
-
-def load_job_pipeline(job: ChainJob):
-    import torch
-
-    from .models import load_pipeline
-
-    device = None if job.device in (None, "auto") else torch.device(job.device)
-    dtype = getattr(torch, job.dtype) if job.dtype else None
-    return load_pipeline(job.pipeline_source, device=device, dtype=dtype, tokenizer_dir=job.tokenizer_dir)
+    saved = []
+    for mod in ("transformers.utils.logging", "diffusers.utils.logging"):
+        try:
+            lg = __import__(mod, fromlist=["set_verbosity_error"])
+        except Exception:  # not installed: nothing to silence
+            continue
+        saved.append((lg, lg.get_verbosity(), lg.is_progress_bar_enabled()))
+        lg.set_verbosity_error()
+        lg.disable_progress_bar()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            for lg, level, bars in saved:
+                lg.set_verbosity(level)
+                (lg.enable_progress_bar if bars else lg.disable_progress_bar)()
 
 
 # -------------------------------------------------------------------------------------------------------- commands
+USER_ERRORS = (UsageError, ValueError, OSError)  # OSError covers FileNotFoundError, FileExistsError, PermissionError
+
+
 def _err(prog: str, message: str) -> None:
     print(f"{prog}: error: {message}", file=sys.stderr)
 
 
+def _line(e: BaseException) -> str:
+    text = str(e).strip()
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:  # an OS error from deep inside
+        text = f"{e.filename!r}: {e.strerror}"
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def cmd_chain(args: argparse.Namespace) -> int:
     prog = "redifine chain"
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other: continue the run, or start it again")
     try:
         job = parse_chain_toml(args.config)
     except ValueError as e:
-        _err(prog, f"{args.config}: {e}")
+        _err(prog, f"{args.config}: {_line(e)}" if args.config not in str(e) else _line(e))
         return EXIT_USAGE
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        _err(prog, f"--out {str(out)!r} is a file")
-        return EXIT_USAGE
-    if out.is_dir() and any(out.iterdir()) and not args.resume:
-        _err(prog, f"run folder {str(out)!r} exists and is not empty; add --resume to continue it, or choose another --out")
-        return EXIT_USAGE
-    from .chain import run_chain
+    check_output_dir(out, "--out")  # a file, or a folder the user cannot write
+    from .chain import check_run_folder, run_chain
 
+    if args.resume and not out.exists():
+        raise FileNotFoundError(f"--out {args.out!r} does not exist: there is nothing to resume; check the folder "
+                                "name, or drop --resume to start a new run")
+    try:
+        check_run_folder(out, resume=args.resume, overwrite=args.overwrite)
+    except FileExistsError:
+        raise UsageError(f"run folder {args.out!r} exists and is not empty; add --resume to continue it, "
+                         "--overwrite to start it again, or choose another --out") from None
+    check_job(job)  # model/dataset paths, device, dtype: before anything loads
+    kwargs = {"overwrite": True} if args.overwrite else {}
     resume_cmd = f"redifine chain {args.config} --out {args.out} --resume"
     progress = TqdmProgress(disable=args.quiet)
     try:
-        dataset = load_job_dataset(job)
-        pipeline = load_job_pipeline(job)
-        with _SigintCancel() as sig:
-            result = run_chain(pipeline, dataset, job.config, out, progress=progress, cancel=sig.token,
-                               resume=args.resume)
+        with _third_party_quiet(args.verbose):
+            dataset = load_job_dataset(job)
+            pipeline = load_job_pipeline(job)
+            with _SigintCancel() as sig:
+                result = run_chain(pipeline, dataset, job.config, out, progress=progress, cancel=sig.token,
+                                   resume=args.resume, **kwargs)
     except (Cancelled, KeyboardInterrupt):
         progress.close()
         print(f"\ninterrupted: the run in {out} is resumable; continue it with:\n  {resume_cmd}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (UsageError, ValueError, FileExistsError, FileNotFoundError) as e:
+    finally:
         progress.close()
-        _err(prog, str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return EXIT_USAGE
-    progress.close()
     print(f"run complete: {result.run_dir}")
     for method, per_seed in result.verdicts.items():
         for seed, labels in per_seed.items():
@@ -275,6 +197,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _err("redifine demo", f"the toy demo is not available in this install ({e})")
         return EXIT_FAILED
     out = Path(args.out)
+    for s in args.seeds or ():
+        bounds.check("seed", s, "--seeds")
+    if args.resume and not out.is_dir():
+        raise FileNotFoundError(f"--out {args.out!r} does not exist: there is nothing to resume; drop --resume to "
+                                "start a new demo")
+    check_output_dir(out, "--out", empty=not args.resume,
+                     hint="add --resume to continue it, or choose another --out")
     progress = TqdmProgress(disable=args.quiet)
     kwargs: dict[str, Any] = {"quick": args.quick}
     if args.seeds is not None:
@@ -282,7 +211,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.resume:
         kwargs["resume"] = True
     try:
-        with _SigintCancel() as sig:
+        with _third_party_quiet(args.verbose), _SigintCancel() as sig:
             result = run_demo(out, progress=progress, cancel=sig.token, **kwargs)
     except (Cancelled, KeyboardInterrupt):
         progress.close()
@@ -291,18 +220,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"{' --seeds ' + ' '.join(map(str, args.seeds)) if args.seeds else ''} --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     except FileExistsError:
-        progress.close()
-        _err("redifine demo", f"{str(out)!r} exists and is not empty; add --resume to continue it, or choose another --out")
-        return EXIT_USAGE
-    except ValueError as e:
-        progress.close()
-        _err("redifine demo", str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return EXIT_USAGE
-    except FileNotFoundError as e:  # e.g. the toy model weights are not built
-        progress.close()
-        _err("redifine demo", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise UsageError(f"{str(out)!r} exists and is not empty; add --resume to continue it, or choose another "
+                         "--out") from None
+    except FileNotFoundError as e:  # the toy model weights are not built: not the user's input
+        _err("redifine demo", _line(e))
         return EXIT_FAILED
-    progress.close()
+    finally:
+        progress.close()
     report_path = getattr(result, "report", None) or (result if isinstance(result, (str, Path)) else None)
     if report_path is None:
         hits = sorted(out.rglob("report.html"))
@@ -315,16 +239,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     run = Path(args.run_dir)
-    if not (run / "run.json").exists():
-        _err("redifine report", f"{str(run)!r} is not a chain run folder (no run.json)")
-        return EXIT_USAGE
+    if not run.is_dir():
+        raise FileNotFoundError(f"RUN_DIR {args.run_dir!r} is not a folder; give a chain run folder (holds run.json)")
+    if not (run / "run.json").is_file():
+        raise ValueError(f"{args.run_dir!r} is not a chain run folder (no run.json)")
+    from .chain import RunFolder
+
+    RunFolder(run).read_manifest()  # run.json that is not JSON, or not a run: one line naming it
+    check_output_dir(run, "RUN_DIR")  # the report is written into the run folder
     from .report import render_report
 
-    try:
-        path = render_report(run)
-    except ValueError as e:
-        _err("redifine report", str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return EXIT_USAGE
+    path = render_report(run)
     print(f"report: {path}")
     return EXIT_OK
 
@@ -332,15 +257,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_schedule(args: argparse.Namespace) -> int:
     from .guidance import parse_schedule
 
-    if args.steps < 1:
-        _err("redifine schedule", f"--steps {args.steps} must be >= 1")
-        return EXIT_USAGE
+    bounds.check("steps", args.steps, "--steps")
+    bounds.check("iteration", args.iteration, "--iteration")
+    if args.plot:
+        check_output_file(args.plot, "--plot", (".png",))
     try:
         sched = parse_schedule(args.spec)
         values = [float(v) for v in sched.values(args.steps, iteration=args.iteration)]
     except ValueError as e:
-        _err("redifine schedule", f"bad schedule {args.spec!r}: {str(e).splitlines()[0]}")
-        return EXIT_USAGE
+        raise UsageError(f"bad schedule {args.spec!r}: {_line(e)}") from None
     if args.json:
         print(json.dumps(values))
     else:
@@ -363,15 +288,16 @@ def cmd_traits(args: argparse.Namespace) -> int:
     except ImportError as e:
         _err("redifine traits", f"the trait model is not available in this install ({e})")
         return EXIT_FAILED
+    bounds.check("generations", args.generations, "--generations")
+    bounds.check("population", args.population, "--population")
+    bounds.check("seed", args.seed, "--seed")
+    check_output_file(args.out, "--out", (".png",))
     progress = TqdmProgress(disable=args.quiet)
     try:
         path = plot_traits(args.out, generations=args.generations, population=args.population, seed=args.seed,
                            progress=progress)
-    except ValueError as e:
+    finally:
         progress.close()
-        _err("redifine traits", str(e).splitlines()[0])
-        return EXIT_USAGE
-    progress.close()
     print(f"plot: {path}")
     return EXIT_OK
 
@@ -379,28 +305,24 @@ def cmd_traits(args: argparse.Namespace) -> int:
 def cmd_dataset(args: argparse.Namespace) -> int:
     from .datasets_hf import DatasetUnavailable, prepare_dataset
 
-    if args.limit is not None and args.limit < 1:
-        _err("redifine dataset", f"--limit {args.limit} must be >= 1")
-        return EXIT_USAGE
+    if args.limit is not None:
+        bounds.check("download_limit", args.limit, "--limit")
+    check_output_dir(args.out, "--out", empty=True, hint="choose a new or empty folder")
     progress = TqdmProgress(disable=args.quiet)
     try:
-        with _SigintCancel() as sig:
+        with _third_party_quiet(args.verbose), _SigintCancel() as sig:
             n = prepare_dataset(args.name, args.out, image_column=args.image_column,
                                 caption_column=args.caption_column, split=args.split, limit=args.limit,
                                 progress=progress, cancel=sig.token)
     except DatasetUnavailable as e:
-        progress.close()
-        _err("redifine dataset", str(e))
+        _err("redifine dataset", _line(e))
         return EXIT_FAILED
-    except ValueError as e:
-        progress.close()
-        _err("redifine dataset", str(e).splitlines()[0])
-        return EXIT_USAGE
     except (Cancelled, KeyboardInterrupt):
         progress.close()
         print(f"\ninterrupted: {args.out} holds a partial dataset", file=sys.stderr)
         return EXIT_INTERRUPTED
-    progress.close()
+    finally:
+        progress.close()
     print(f"wrote {n} images with captions to {args.out}")
     return EXIT_OK
 
@@ -423,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config", help="the TOML file (see examples/chain.toml)")
     c.add_argument("--out", required=True, help="the run folder (new, or an existing one with --resume)")
     c.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    c.add_argument("--overwrite", action="store_true", help="delete the previous run in --out and start again")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.add_argument("--verbose", action="store_true", help="show third-party warnings and loading bars")
 
     d = add("demo", "the toy-model demo: baseline low/high CFG vs ReDiFine, with a report", cmd_demo)
     d.add_argument("--out", required=True, help="output folder")
@@ -431,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seeds", type=int, nargs="+", metavar="S", help="replicate seeds (default: the demo's)")
     d.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--verbose", action="store_true", help="show third-party warnings and loading bars")
 
     r = add("report", "re-render the report of a finished or partial run", cmd_report)
     r.add_argument("run_dir", help="a run folder (holds run.json)")
@@ -457,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--split", help="dataset split (default 'train')")
     ds.add_argument("--limit", type=int, help="write at most N images")
     ds.add_argument("--quiet", action="store_true", help="no progress bars")
+    ds.add_argument("--verbose", action="store_true", help="show third-party warnings and progress bars")
     return p
 
 
@@ -471,6 +397,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except USER_ERRORS as e:  # bad input, path or setting: one line, never a traceback
+        _err(f"redifine {args.command}", _line(e))
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":  # pragma: no cover
