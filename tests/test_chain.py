@@ -129,6 +129,34 @@ def test_image_seed_is_a_pure_function_of_replicate_caption_and_index():
 
 
 # ------------------------------------------------------------------------------------------------ fake backend
+class FakeSummary:
+    """A set summary that keeps only a running pixel sum: the chain must never need the images themselves."""
+
+    def __init__(self):
+        self.total, self.pixels, self.n, self.batches = 0.0, 0, 0, 0
+
+    def add(self, images, cancel=None):
+        a = np.asarray(images)
+        assert a.dtype == np.uint8 and a.ndim == 4  # 8-bit batches, as written to disk
+        self.total += float(a.astype(np.float64).sum()) / 255.0
+        self.pixels += a.size
+        self.n += a.shape[0]
+        self.batches += 1
+
+    def __len__(self):
+        return self.n
+
+    def mean(self):
+        return self.total / self.pixels
+
+    @classmethod
+    def from_pngs(cls, paths, batch_size=16, cancel=None):
+        s = cls()
+        for p in paths:
+            s.add(np.asarray(Image.open(p).convert("RGB"))[None])
+        return s
+
+
 class FakeBackend:
     """Deterministic stand-ins for finetune/generate/metrics that record how the chain calls them."""
 
@@ -137,6 +165,7 @@ class FakeBackend:
         self.finetune_calls: list[dict] = []
         self.cancel_at_generate = cancel_at_generate
         self.token = token
+        self.summaries: list[FakeSummary] = []
 
     def finetune(self, pipeline, dataset, config, progress=None, cancel=None, init_lora=None):
         px = np.stack([np.asarray(im, dtype=np.float32) for im in dataset.images]) / 255.0
@@ -172,8 +201,10 @@ class FakeBackend:
         return torch.stack(out)
 
     def set_metrics(self, generated, reference, previous=None, features="auto", progress=None, cancel=None):
-        return {"mean": float(generated.mean()), "fid_ref": float((generated.mean() - reference.mean()).abs()),
-                "fid_prev": float((generated.mean() - previous.mean()).abs()), "features": "fake-v1"}
+        assert all(isinstance(x, FakeSummary) for x in (generated, reference, previous))
+        self.summaries.append(generated)
+        return {"mean": generated.mean(), "fid_ref": abs(generated.mean() - reference.mean()),
+                "fid_prev": abs(generated.mean() - previous.mean()), "features": "fake-v1"}
 
     def verdict(self, current, baseline):
         drift = current["mean"] - baseline["mean"]
@@ -181,14 +212,14 @@ class FakeBackend:
         return SimpleNamespace(label=label, reasons=[f"mean moved {drift:+.4f}"])
 
     def image_statistics(self, images):
-        return {"mean": float(images.mean())}
+        return {"mean": float(np.asarray(images, dtype=np.float64).mean() / 255.0)}
 
     def backend(self) -> ch.ChainBackend:
         return ch.ChainBackend(
             finetune=self.finetune, generate=self.generate, save_lora=self.save_lora, load_lora=self.load_lora,
             set_metrics=self.set_metrics, verdict=self.verdict,
             make_dataset=lambda images, captions: SimpleNamespace(images=list(images), captions=list(captions)),
-            image_statistics=self.image_statistics,
+            image_statistics=self.image_statistics, new_summary=FakeSummary, summary_from_pngs=FakeSummary.from_pngs,
         )
 
 
@@ -417,13 +448,18 @@ def test_resume_refuses_another_kind_of_model_and_clears_a_failure(tmp_path):
     run = tmp_path / "r"
     b = FakeBackend().backend()
     real_generate = b.generate
+    calls = []
 
-    def fail(*a, **k):
-        raise RuntimeError("disk full")
+    def fail_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        return real_generate(*a, **k)
 
-    b.generate = fail
+    b.generate = fail_second
     with pytest.raises(RuntimeError):
         run_chain(PIPE, _dataset(), _cfg(), run, backend=b, render=False)
+    assert len(list(run.rglob("DONE"))) == 1  # one unit finished before the failure
     sdxl = SimpleNamespace(default_size=16, source="fake", kind="sdxl")
     with pytest.raises(ValueError, match="pipeline.kind"):
         run_chain(sdxl, _dataset(), _cfg(), run, resume=True, backend=b, render=False)

@@ -1,0 +1,131 @@
+"""Starting a run in a folder: the checks made before any work, and the manifest to continue or begin with.
+
+``check_run_folder`` is what a caller that loads a model first (the CLI) runs before loading: it never writes.
+``open_run`` returns the manifest to run with: a fresh one, or the stored one when resuming after checking that the
+config, the dataset, the model kind and D0's images are the run's. A changed config is refused once any unit is DONE
+and replaces the stored one while none is; ``overwrite`` clears a previous run's files.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from typing import Union
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..atomic import clean_stale_temps
+from .coerce import config_diff
+from .run_folder import SCHEMA_VERSION, RunFolder, read_png
+
+log = logging.getLogger(__name__)
+
+
+def now() -> str:
+    """UTC time stamp, ISO 8601 to the second."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages whose changes can change a run's numbers."""
+    from importlib import metadata
+
+    out = {"redifine": __version__}
+    for pkg in ("torch", "diffusers", "peft", "transformers"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "missing"
+    return out
+
+
+def check_run_folder(run_dir: Union[str, Path], resume: bool = False, overwrite: bool = False) -> None:
+    """What ``run_chain`` checks about the folder before any work, for callers that load a model first (the CLI).
+
+    Raises ValueError / FileNotFoundError / FileExistsError with one line; never writes.
+    """
+    folder = RunFolder(run_dir)
+    root = folder.root
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"run folder {str(root)!r} is a file, not a folder")
+    non_empty = root.is_dir() and any(root.iterdir())
+    if overwrite:
+        if non_empty and not folder.exists():
+            raise ValueError(f"refusing to overwrite {str(root)!r}: it is not a chain run folder (no run.json); "
+                             "choose a new or empty folder")
+        return
+    if resume:
+        if not folder.exists():
+            raise FileNotFoundError(f"nothing to resume: {str(root)!r} holds no chain run (no run.json); check the "
+                                    "folder name, or start a new run without resume")
+        folder.read_manifest()
+        return
+    if non_empty:
+        raise FileExistsError(f"run folder {str(root)!r} exists and is not empty; pass resume=True (CLI: --resume) "
+                              "to continue it, overwrite=True (CLI: --overwrite) to start it again, or choose another "
+                              "folder")
+
+
+def _stored_differences(folder: RunFolder, manifest: dict, given: dict, reference: list) -> list[str]:
+    """Where the stored run differs from the given config, dataset, model kind and D0 images."""
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        return [f"schema_version ({manifest.get('schema_version')!r}, this version writes {SCHEMA_VERSION})"]
+    stored_pipe = manifest.get("pipeline") if isinstance(manifest.get("pipeline"), dict) else {}
+    stored = {"config": manifest.get("config"), "dataset": manifest.get("dataset"),
+              "pipeline": {"kind": stored_pipe.get("kind")}}
+    diff = config_diff(stored, {"config": given["config"], "dataset": given["dataset"],
+                                "pipeline": {"kind": given["pipeline"]["kind"]}})
+    if diff:
+        return diff
+    if stored_pipe.get("source") != given["pipeline"]["source"]:
+        log.warning("resuming %s with pipeline source %r (the run started with %r): make sure it is the same model",
+                    folder.root, given["pipeline"]["source"], stored_pipe.get("source"))
+    current = versions()
+    changed = sorted(k for k, v in (manifest.get("versions") or {}).items() if current.get(k) != v)
+    if changed:
+        log.warning("resuming %s with other versions of %s: later iterations may not be bit-identical",
+                    folder.root, ", ".join(changed))
+    for c, im in enumerate(reference):
+        p = folder.reference_image(c)
+        if p.exists():
+            try:
+                stored_arr = read_png(p)
+            except ValueError:  # unreadable: rewritten
+                continue
+            if not np.array_equal(stored_arr, np.asarray(im, dtype=np.uint8)):
+                return [f"dataset image {c} (reference/images/{p.name})"]
+    return []
+
+
+def open_run(folder: RunFolder, fresh: dict, reference: list, resume: bool, overwrite: bool) -> dict:
+    """The manifest to run with: a fresh one, or the stored one when resuming (checked against ``fresh``)."""
+    check_run_folder(folder.root, resume=resume, overwrite=overwrite)
+    if overwrite and folder.exists():
+        log.info("overwrite: deleting the previous run in %s", folder.root)
+        folder.clear()
+        return fresh
+    if not resume:
+        return fresh
+    manifest = folder.read_manifest()
+    diff = _stored_differences(folder, manifest, fresh, reference)
+    if diff:
+        if folder.any_done():
+            raise ValueError(
+                f"cannot resume {str(folder.root)!r}: the given config/dataset differ from the run's in "
+                f"{', '.join(diff)}; resume with the same settings, start a new run folder, or pass overwrite=True "
+                "(CLI: --overwrite) to discard its finished iterations")
+        log.info("restarting %s with the given settings: no iteration had finished (it differed in %s)",
+                 folder.root, ", ".join(diff))
+        folder.clear()
+        return fresh
+    removed = clean_stale_temps(folder.root)
+    if removed:
+        log.info("removed %d stale temp file(s) from %s", removed, folder.root)
+    manifest.pop("error", None)
+    manifest.update(status="running", updated=now())
+    manifest.setdefault("resumed", []).append(now())
+    return manifest
+
+
