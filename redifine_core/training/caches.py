@@ -5,8 +5,8 @@ step needs them (random crop, or ``cache_latents=False``); with center crop the 
 only their latent distribution (mean, std: 2 x 4 x (R/8)^2 floats per image and orientation) is kept. Encoding goes
 through :mod:`redifine_core.vae` (sliced batches, ``force_upcast``, tiling).
 
-Modules that are not needed while stepping (text encoders that are not trained once their embeddings are cached, the
-VAE once latents are cached) leave the GPU through :class:`ModuleParking` and come back when training closes.
+Once the caches are built, the modules a step no longer needs (text encoders that are not trained, the VAE when
+latents are cached) leave the GPU until training closes (:meth:`redifine_core.training.borrow.BorrowedPipeline.park`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..vae import encode_moments
+from .borrow import module_device
 
 ENCODE_BATCH = 4  # images per VAE encode call while caching
 
@@ -199,47 +200,3 @@ class TextCache:
         tid = torch.tensor([self.empty_id if d else self.ids[i] for d, i in zip(drop, idx)],
                            device=self.embeds.device)
         return self.embeds[tid], (self.pooled[tid] if self.pooled is not None else None)
-
-
-# ----------------------------------------------------------------------------------------------- GPU memory
-
-
-def module_device(module: Any) -> torch.device:
-    p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-class ModuleParking:
-    """Moves modules off the accelerator for the rest of a run and puts each back where it was on :meth:`restore`.
-
-    ``Module.to`` keeps the same Parameter objects (it swaps their ``data``), so a restored module is the same object
-    with the same values on the same device. Modules already on the CPU are left alone.
-    """
-
-    def __init__(self) -> None:
-        self._parked: list[tuple[Any, torch.device]] = []
-
-    def park(self, module: Any) -> bool:
-        if module is None:
-            return False
-        dev = module_device(module)
-        if dev.type == "cpu":
-            return False
-        self._parked.append((module, dev))
-        module.to("cpu")
-        return True
-
-    @property
-    def parked(self) -> list:
-        return [m for m, _ in self._parked]
-
-    def restore(self) -> None:
-        while self._parked:
-            module, dev = self._parked.pop()
-            module.to(dev)
-
-
-def empty_cuda_cache(device: torch.device) -> None:
-    """Give cached CUDA blocks back between phases (nothing to do on other devices)."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()

@@ -46,16 +46,18 @@ from ..lora import (
 )
 from ..progress import CancelFlag, ProgressCallback, ProgressEvent, check_cancel, report
 from ..vae import encode_moments, scale_latents
-from .caches import (
-    LatentCache,
-    ModuleParking,
-    ResizedImages,
-    TextCache,
-    TextEncoder,
+from .borrow import (
+    BorrowedPipeline,
+    base_model_version,
+    default_size,
     empty_cuda_cache,
-    mirrored_left,
-    uint8_to_pixels,
+    force_zeros_for_empty_prompt,
+    is_sdxl,
+    pipeline_device,
+    replace_inference_tensors,
+    vae_scale_factor,
 )
+from .caches import LatentCache, ResizedImages, TextCache, TextEncoder, mirrored_left, uint8_to_pixels
 from .config import TrainConfig, TrainResult
 from .precision import resolve_precision
 
@@ -77,67 +79,6 @@ def _seeds(seed: int, n: int) -> list[int]:
     return [int(s) for s in np.random.SeedSequence(seed).generate_state(n, dtype=np.uint64) % (2**63)]
 
 
-def _replace_inference_tensors(model: torch.nn.Module) -> int:
-    """Swap inference-mode parameters/buffers of ``model`` for ordinary copies (same values); return how many."""
-    n = 0
-    for mod in model.modules():
-        for name, prm in list(mod._parameters.items()):
-            if prm is not None and prm.is_inference():
-                mod._parameters[name] = torch.nn.Parameter(prm.clone(), requires_grad=prm.requires_grad)
-                n += 1
-        for name, buf in list(mod._buffers.items()):
-            if buf is not None and buf.is_inference():
-                mod._buffers[name] = buf.clone()
-                n += 1
-    return n
-
-
-def _vae_scale_factor(pipeline: Any) -> int:
-    v = getattr(pipeline, "vae_scale_factor", None)
-    return int(v) if v else 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-
-
-def _default_size(pipeline: Any) -> int:
-    v = getattr(pipeline, "default_size", None)
-    if isinstance(v, int) and v > 0:
-        return v
-    return int(pipeline.unet.config.sample_size) * _vae_scale_factor(pipeline)
-
-
-def _is_sdxl(pipeline: Any) -> bool:
-    v = getattr(pipeline, "is_sdxl", None)
-    return v if isinstance(v, bool) else getattr(pipeline, "text_encoder_2", None) is not None
-
-
-def _device(pipeline: Any) -> torch.device:
-    d = getattr(pipeline, "device", None)
-    return torch.device(d) if d is not None else next(pipeline.unet.parameters()).device
-
-
-def _force_zeros_for_empty_prompt(pipeline: Any) -> bool:
-    own = getattr(pipeline, "__dict__", {})
-    if "force_zeros_for_empty_prompt" in own:  # redifine_core.models.Pipeline
-        return bool(own["force_zeros_for_empty_prompt"])
-    cfg = getattr(pipeline, "config", None)  # a diffusers pipeline
-    return bool(cfg.get("force_zeros_for_empty_prompt", False)) if isinstance(cfg, dict) else False
-
-
-def _base_model_version(pipeline: Any) -> str:
-    kind = getattr(pipeline, "kind", None) or ("sdxl" if _is_sdxl(pipeline) else "sd1")
-    return {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "toy": "redifine_toy"}.get(kind, str(kind))
-
-
-def _enable_te_checkpointing(te: Any) -> None:
-    if hasattr(te, "activation_checkpointing_enable"):  # transformers >= 5.x
-        te.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def _disable_te_checkpointing(te: Any) -> None:
-    (getattr(te, "activation_checkpointing_disable", None) or te.gradient_checkpointing_disable)()
-
-
 # ----------------------------------------------------------------------------------------------- trainer
 
 
@@ -154,13 +95,13 @@ class LoraTrainer:
         if len(dataset) == 0:
             raise ValueError("dataset is empty: training needs at least one image")
         self.pipeline, self.dataset, self.config = pipeline, dataset, config
-        self.device = _device(pipeline)
-        self.sdxl = _is_sdxl(pipeline)
+        self.device = pipeline_device(pipeline)
+        self.sdxl = is_sdxl(pipeline)
         self.unet_dtype = next(pipeline.unet.parameters()).dtype
         self.precision = resolve_precision(config.mixed_precision, self.unet_dtype, self.device)
         self.checkpointing = config.checkpointing_for(self.sdxl)
-        self.resolution = config.resolution or _default_size(pipeline)
-        vsf = _vae_scale_factor(pipeline)
+        self.resolution = config.resolution or default_size(pipeline)
+        vsf = vae_scale_factor(pipeline)
         if self.resolution % vsf:
             raise ValueError(f"resolution {self.resolution} is not a multiple of the VAE scale factor {vsf}")
         if init_lora is not None:
@@ -175,9 +116,8 @@ class LoraTrainer:
         self.drop_masks: list[list[bool]] = []
         self.sample_indices: list[list[int]] = []
         self._closed = False
-        self._state: dict[str, Any] = {}
         self._injected: list[torch.nn.Module] = []
-        self._parking = ModuleParking()
+        self.borrowed: Optional[BorrowedPipeline] = None
         self._queue: list[int] = []
 
         from diffusers import DDPMScheduler
@@ -224,43 +164,37 @@ class LoraTrainer:
         p, c = self.pipeline, self.config
         unet = p.unet
         self.text_encoder = TextEncoder(p, self.sdxl)
-        trained = [("unet", unet)] + ([(n, te) for n, te, _ in self._text_parts()] if self.train_te else [])
-        self._state["requires_grad"] = {name: {k: v.requires_grad for k, v in m.named_parameters()}
-                                        for name, m in [("unet", unet)] + [(n, te) for n, te, _ in self._text_parts()]}
-        self._state["modes"] = [(m, [(sub, sub.training) for sub in m.modules()]) for _, m in trained]
-        self._state["gc"] = bool(unet.is_gradient_checkpointing)
-        self._state["te_gc"] = {n: any(getattr(m, "gradient_checkpointing", False) for m in te.modules())
-                                for n, te, _ in self._text_parts()}
+        self.borrowed = BorrowedPipeline({"unet": unet, **{n: te for n, te, _ in self._text_parts()}})
+        trained = [unet] + ([te for _, te, _ in self._text_parts()] if self.train_te else [])
 
         # phase 1: latents (or the uint8 images a step crops and encodes)
+        self.latents, self.images = None, None
         if self.cache_latents:
-            self.latents = LatentCache(p, self.dataset.images, self.resolution, self.config.random_flip)
-            self.images = None
+            self.latents = LatentCache(p, self.dataset.images, self.resolution, c.random_flip)
         else:
-            self.latents = None
             self.images = ResizedImages.build(self.dataset.images, self.resolution)
         empty_cuda_cache(self.device)
 
         # phase 2: text embeddings; then what a step does not need leaves the GPU until close()
-        self.zero_uncond = self.sdxl and _force_zeros_for_empty_prompt(p)
+        self.zero_uncond = self.sdxl and force_zeros_for_empty_prompt(p)
         self.text_cache = None
         if not self.train_te:
             self.text_cache = TextCache(self.text_encoder, self.dataset.captions, self.unet_dtype, self.zero_uncond)
             for _, te, _ in self._text_parts():
-                self._parking.park(te)
+                self.borrowed.park(te)
+        if self.cache_latents:
+            self.borrowed.park(p.vae)
         self.unique_captions = list(dict.fromkeys(list(self.dataset.captions) + [""]))
         self.caption_id_list = [self.unique_captions.index(cap) for cap in self.dataset.captions]
         self.empty_id = self.unique_captions.index("")
-        if self.cache_latents:
-            self._parking.park(p.vae)
         empty_cuda_cache(self.device)
 
         # phase 3: the adapter (fp32 LoRA parameters on frozen weights), checkpointing, train mode, optimizer
-        for _, m in trained:  # frozen inference tensors cannot be saved for backward
-            _replace_inference_tensors(m)
+        for m in trained:  # frozen inference tensors cannot be saved for backward
+            replace_inference_tensors(m)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self._init_seed)
-            for _, m in trained:
+            for m in trained:
                 self._injected.append(m)
                 add_lora_adapter(m, c.rank, c.alpha, c.unet_target_modules if m is unet else TEXT_ENCODER_TARGETS)
         if self.init_lora is not None:
@@ -270,21 +204,20 @@ class LoraTrainer:
                     sd = getattr(self.init_lora, name)
                     set_lora_state(te, {te_from_canonical(k, te): v for k, v in sd.items()}, name)
         self.params: list[torch.nn.Parameter] = []
-        for m in self._injected:
+        for m in trained:
             for n, prm in m.named_parameters():
                 if ".lora_" in n:
-                    prm.data = prm.data.float()
+                    prm.data = prm.data.float()  # LoRA weights, their gradients and AdamW's state: float32
                     prm.requires_grad_(True)
                     self.params.append(prm)
                 else:
                     prm.requires_grad_(False)
         if self.checkpointing:
-            unet.enable_gradient_checkpointing()
-            if self.train_te:
-                for _, te, _ in self._text_parts():
-                    _enable_te_checkpointing(te)
-        for _, m in trained:
-            m.train()
+            self.borrowed.checkpoint_unet(unet)
+            for te in trained[1:]:
+                self.borrowed.checkpoint_text_encoder(te)
+        for m in trained:
+            self.borrowed.train_mode(m)
         self.optimizer = torch.optim.AdamW(self.params, lr=c.learning_rate, weight_decay=c.weight_decay)
         self.scaler = self.precision.make_scaler()
 
@@ -422,7 +355,7 @@ class LoraTrainer:
             "ss_network_dim": str(c.rank),
             "ss_network_alpha": str(c.alpha),
             "ss_network_args": json.dumps({"target": list(c.target)}),
-            "ss_base_model_version": _base_model_version(self.pipeline),
+            "ss_base_model_version": base_model_version(self.pipeline),
             "ss_v2": str(getattr(self.pipeline, "kind", "") == "sd2"),
             "ss_caption_dropout_rate": str(c.cond_drop),
             "ss_steps": str(self.step_count),
@@ -458,29 +391,11 @@ class LoraTrainer:
         if self._closed:
             return
         self._closed = True
-        p = self.pipeline
         for m in self._injected:
             remove_lora_adapters(m)
         self._injected = []
-        models = {"unet": p.unet, "text_encoder": getattr(p, "text_encoder", None),
-                  "text_encoder_2": getattr(p, "text_encoder_2", None)}
-        for name, flags in self._state.get("requires_grad", {}).items():
-            m = models.get(name)
-            if m is None:
-                continue
-            for k, prm in m.named_parameters():
-                if k in flags and prm.requires_grad != flags[k]:
-                    prm.requires_grad_(flags[k])
-        for _, modes in self._state.get("modes", []):
-            for sub, training in modes:
-                sub.training = training
-        if "gc" in self._state and not self._state["gc"] and p.unet.is_gradient_checkpointing:
-            p.unet.disable_gradient_checkpointing()
-        if self.train_te and self.checkpointing and "te_gc" in self._state:
-            for name, te, _ in self._text_parts():
-                if not self._state["te_gc"].get(name, False):
-                    _disable_te_checkpointing(te)
-        self._parking.restore()
+        if self.borrowed is not None:
+            self.borrowed.restore()
         self.optimizer = None  # type: ignore[assignment]
         self.latents = self.images = self.text_cache = None
         empty_cuda_cache(self.device)
