@@ -1,15 +1,13 @@
 """Plots and the HTML report of a run.
 
-CONTRACT (filled in by issue 3):
+    render_report(run_dir) -> Path      # writes metrics.csv, curves.png, grid_<method>.png, report.html
+    plot_schedule(schedules, steps, path=None, iteration=0) -> PIL.Image.Image
+    plot_losses(losses, path=None) -> PIL.Image.Image      # the training-loss curve of the ComfyUI train node
+    image_grid(images, rows, labels=None) -> PIL.Image.Image
 
-    def render_report(run_dir) -> Path     # writes metrics.csv, curves.png, grid_<method>.png, report.html;
-                                           # returns report.html's path
-    def plot_schedule(schedules: Sequence[str], steps: int, path=None) -> PIL.Image.Image
-
-Also ``plot_losses(losses, path=None)`` (the training-loss curve shown by the ComfyUI train node) and
-``image_grid(images, rows, labels=None)``. The run folder is read directly per the schema in chain.py's docstring
-(this module does not import chain.py). Figures are drawn with matplotlib's Agg canvas (no pyplot, no GUI), and
-every file is written atomically.
+The run folder is read through ``chain.RunFolder`` (the one reader of its layout): a run.json that is not a run is
+refused with one line naming it, unreadable iteration files are listed as problems in the report. Figures are drawn
+with matplotlib's Agg canvas (no pyplot, no GUI), and every file is written atomically.
 """
 
 from __future__ import annotations
@@ -20,9 +18,7 @@ import html
 import io
 import json
 import math
-import re
 import textwrap
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -30,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from . import atomic
+from .chain.run_folder import IterationRecord, RunData, RunFolder
 from .metrics import FEATURES_HANDCRAFTED, VERDICTS
 
 PathLike = Union[str, Path]
@@ -65,130 +62,14 @@ TILE = 128
 PAD = 4
 HEADER = 24
 ROW_LABEL_W = 150
-ITER_RE = re.compile(r"^iter_(\d+)$")
-SEED_RE = re.compile(r"^seed_(-?\d+)$")
-
-
 # =================================================================================================================
 # reading a run folder
 # =================================================================================================================
 
 
-@dataclass
-class IterationRecord:
-    method: str
-    seed: int
-    iteration: int
-    folder: Path
-    metrics: dict[str, float] = field(default_factory=dict)
-    verdict: Optional[dict] = None
-    features: str = ""
-    done: bool = False
-
-
-@dataclass
-class RunData:
-    """What the report needs from a run folder."""
-
-    root: Path
-    run: dict
-    methods: list[str]
-    seeds: list[int]
-    iterations: Optional[int]
-    records: list[IterationRecord]
-    reference_metrics: dict[str, float]
-    problems: list[str]
-
-    @property
-    def status(self) -> str:
-        return str(self.run.get("status", "unknown"))
-
-    @property
-    def config(self) -> dict:
-        c = self.run.get("config")
-        return c if isinstance(c, dict) else {}
-
-    def record(self, method: str, seed: int, iteration: int) -> Optional[IterationRecord]:
-        for r in self.records:
-            if (r.method, r.seed, r.iteration) == (method, seed, iteration):
-                return r
-        return None
-
-    def max_iteration(self) -> int:
-        found = max((r.iteration + 1 for r in self.records), default=0)
-        return max(found, self.iterations or 0)
-
-
-def _read_json(path: Path, problems: list[str]) -> Optional[Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        problems.append(f"unreadable {path.name} in {path.parent}: {e}")
-        return None
-
-
 def read_run(run_dir: PathLike) -> RunData:
-    """Read run.json, reference metrics and every iteration's metrics.json of a run folder (schema_version 1)."""
-    root = Path(run_dir)
-    if not root.is_dir():
-        raise ValueError(f"run_dir: {str(root)!r} is not a folder")
-    problems: list[str] = []
-    run = _read_json(root / "run.json", problems)
-    if not isinstance(run, dict):
-        raise ValueError(f"run_dir: {str(root)!r} has no readable run.json; is it a ReDiFine run folder?")
-    sv = run.get("schema_version", 1)
-    if sv != 1:
-        problems.append(f"run.json schema_version {sv!r}; this report reads version 1 and may miss fields")
-    config = run.get("config") if isinstance(run.get("config"), dict) else {}
-
-    methods: list[str] = []
-    for m in config.get("methods", []) or []:
-        name = m.get("name") if isinstance(m, dict) else None
-        if isinstance(name, str) and name not in methods:
-            methods.append(name)
-    on_disk = sorted(
-        p.name for p in root.iterdir()
-        if p.is_dir() and p.name != "reference" and any(SEED_RE.match(q.name) for q in p.iterdir() if q.is_dir())
-    )
-    methods += [m for m in on_disk if m not in methods]
-
-    seeds = [int(s) for s in (run.get("seeds") or config.get("seeds") or []) if isinstance(s, (int, float))]
-    iterations = config.get("iterations")
-    iterations = int(iterations) if isinstance(iterations, (int, float)) else None
-
-    records: list[IterationRecord] = []
-    for method in methods:
-        mdir = root / method
-        if not mdir.is_dir():
-            continue
-        for sdir in sorted(p for p in mdir.iterdir() if p.is_dir() and SEED_RE.match(p.name)):
-            seed = int(SEED_RE.match(sdir.name).group(1))
-            if seed not in seeds:
-                seeds.append(seed)
-            for idir in sorted(p for p in sdir.iterdir() if p.is_dir() and ITER_RE.match(p.name)):
-                it = int(ITER_RE.match(idir.name).group(1))
-                data = _read_json(idir / "metrics.json", problems)
-                if not isinstance(data, dict):
-                    continue
-                metrics = {
-                    k: float(v) for k, v in (data.get("metrics") or {}).items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool)
-                }
-                v = data.get("verdict") if isinstance(data.get("verdict"), dict) else None
-                records.append(IterationRecord(
-                    method=method, seed=seed, iteration=it, folder=idir, metrics=metrics, verdict=v,
-                    features=str(data.get("features") or run.get("features") or ""),
-                    done=(idir / "DONE").exists(),
-                ))
-    ref = _read_json(root / "reference" / "metrics.json", problems)
-    ref_metrics = {}
-    if isinstance(ref, dict) and isinstance(ref.get("metrics"), dict):
-        ref_metrics = {
-            k: float(v) for k, v in ref["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
-    return RunData(root, run, methods, sorted(seeds), iterations, records, ref_metrics, problems)
+    """Read run.json, D0's metrics and every iteration's metrics.json of a run folder (``RunFolder.read``)."""
+    return RunFolder(run_dir).read()
 
 
 # =================================================================================================================
@@ -449,29 +330,22 @@ def image_grid(
 
 
 def _grid_rows(data: RunData) -> list[int]:
-    ref_dir = data.root / "reference" / "images"
-    n = 0
     ds = data.run.get("dataset") if isinstance(data.run.get("dataset"), dict) else {}
-    if isinstance(ds.get("n"), int):
-        n = ds["n"]
-    elif ref_dir.is_dir():
-        n = len(list(ref_dir.glob("*.png")))
+    n = ds["n"] if isinstance(ds.get("n"), int) else len(RunFolder(data.root).reference_images())
     if n <= 0:
         return []
     k = min(GRID_ROWS, n)
     return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
 
 
-def _find_image(folder: Path, c: int) -> Optional[Image.Image]:
-    exact = folder / f"{c:04d}_00.png"
-    cands = [exact] if exact.exists() else sorted(folder.glob(f"{c:04d}_*.png")) or sorted(folder.glob(f"{c:04d}.png"))
-    for p in cands:
-        try:
-            with Image.open(p) as im:
-                return im.convert("RGB")
-        except OSError:
-            continue
-    return None
+def _open_image(path: Optional[Path]) -> Optional[Image.Image]:
+    if path is None:
+        return None
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except OSError:
+        return None
 
 
 def _grid_seed(data: RunData, method: str) -> Optional[int]:
@@ -489,18 +363,17 @@ def method_grid(data: RunData, method: str, path: Optional[PathLike] = None) -> 
     rows = _grid_rows(data)
     if not rows:
         return None
+    folder = RunFolder(data.root)
     seed = _grid_seed(data, method)
     n_it = data.max_iteration()
     captions = []
-    ds = data.run.get("dataset") if isinstance(data.run.get("dataset"), dict) else {}
-    caps = ds.get("captions") if isinstance(ds.get("captions"), list) else []
+    caps = data.captions
     images: list[Optional[Image.Image]] = []
     for c in rows:
         captions.append(f"#{c}: {caps[c]}" if c < len(caps) else f"#{c}")
-        images.append(_find_image(data.root / "reference" / "images", c))
+        images.append(_open_image(folder.caption_image(None, 0, 0, c)))
         for it in range(n_it):
-            folder = data.root / method / f"seed_{seed}" / f"iter_{it:03d}" / "images"
-            images.append(_find_image(folder, c) if folder.is_dir() else None)
+            images.append(None if seed is None else _open_image(folder.caption_image(method, seed, it, c)))
     labels = ["D0 (input)"] + [f"iter {i}" for i in range(n_it)]
     grid = image_grid(images, rows=len(rows), labels=labels, row_labels=captions)
     return _save(grid, path)
@@ -645,13 +518,14 @@ def render_report(run_dir: PathLike) -> Path:
 
     Works on partial runs (missing iterations, status "running"/"cancelled"/"failed") and says so in the report.
     """
-    data = read_run(run_dir)
+    folder = RunFolder(run_dir)
+    data = folder.read()
     root = data.root
-    atomic.write_text(root / "metrics.csv", metrics_csv_text(data))
-    plot_curves(data, root / "curves.png")
+    atomic.write_text(folder.metrics_csv, metrics_csv_text(data))
+    plot_curves(data, folder.curves_png)
     grids: list[tuple[str, Path]] = []
     for m in data.methods:
-        p = root / f"grid_{m}.png"
+        p = folder.grid_png(m)
         if method_grid(data, m, p) is not None:
             grids.append((m, p))
 
@@ -672,7 +546,7 @@ def render_report(run_dir: PathLike) -> Path:
     parts.append("<h2>Verdicts</h2>")
     parts.append(_verdict_table(data) if data.methods else "<p>No methods in this run yet.</p>")
     parts.append("<h2>Metrics per iteration</h2>")
-    parts.append(f'<img alt="metric curves" src="{_data_uri(root / "curves.png")}">')
+    parts.append(f'<img alt="metric curves" src="{_data_uri(folder.curves_png)}">')
     parts.append("<p>Dashed line: the value on your images (D0). All values are in <code>metrics.csv</code>.</p>")
     parts.append("<h2>Images</h2>")
     if grids:
@@ -708,6 +582,5 @@ def render_report(run_dir: PathLike) -> Path:
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in sorted(versions.items())
     ) + "</table>" if versions else "<p>not recorded</p>")
     parts.append("</body></html>\n")
-    out = root / "report.html"
-    atomic.write_text(out, "".join(parts))
-    return out
+    atomic.write_text(folder.report_html, "".join(parts))
+    return folder.report_html

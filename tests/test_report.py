@@ -174,10 +174,39 @@ def test_empty_run_renders_and_bad_folder_raises(tmp_path):
     (root / "run.json").write_text(json.dumps({"schema_version": 1, "status": "running", "config": {"iterations": 2}}))
     text = R.render_report(root).read_text()
     assert "partial" in text and (root / "curves.png").is_file()
-    with pytest.raises(ValueError, match="run.json"):
+    with pytest.raises(FileNotFoundError, match="no run.json"):
         R.render_report(tmp_path)
-    with pytest.raises(ValueError, match="not a folder"):
+    with pytest.raises(FileNotFoundError, match="not a folder"):
         R.render_report(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("content, needle", [
+    ('{"a": 1}', "is not a chain run"),
+    ("[1, 2]", "is not a chain run"),
+    ('{"schema_version": 1, "config": "x"}', "is not a chain run"),
+    ('{"schema_version": 1, "config": {', "is not valid JSON"),
+    (b"\xff\xfe\x00garbage", "is not UTF-8"),
+])
+def test_a_run_json_that_is_not_a_run_is_refused_in_one_line_and_nothing_is_written(tmp_path, content, needle):
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "run.json").write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError) as e:
+        R.render_report(root)
+    msg = str(e.value)
+    assert needle in msg and str(root / "run.json") in msg and "\n" not in msg
+    assert sorted(p.name for p in root.iterdir()) == ["run.json"]  # no report of "0 iterations"
+
+
+def test_an_unreadable_metrics_file_is_reported_as_a_problem(tmp_path):
+    root = build_fake_run(tmp_path / "run")
+    bad = root / "baseline-w1" / "seed_0" / "iter_001" / "metrics.json"
+    bad.write_text("{not json")
+    data = R.read_run(root)
+    assert len(data.problems) == 1 and str(bad) in data.problems[0] and "not valid JSON" in data.problems[0]
+    assert data.record("baseline-w1", 0, 1) is None and data.record("baseline-w1", 0, 2) is not None
+    text = R.render_report(root).read_text()
+    assert "not valid JSON" in text
 
 
 def test_image_grid_layout_and_validation():
