@@ -9,13 +9,13 @@ iteration 0 (the question "does it stay closer to where it started?").
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
+from ..chain.run_folder import RunFolder
 from .checker import check
 
 KEYS: tuple[str, ...] = ("fidelity", "hf_share", "laplacian_var", "saturation", "clipped_fraction", "colourfulness",
@@ -24,34 +24,36 @@ KEYS: tuple[str, ...] = ("fidelity", "hf_share", "laplacian_var", "saturation", 
 DRIFT_KEYS: tuple[str, ...] = ("hf_share", "laplacian_var", "saturation", "colourfulness", "diversity")
 
 
+def _open_rgb(paths) -> list[Image.Image]:
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            out.append(im.convert("RGB"))
+    return out
+
+
 def iteration_records(run_dir: str | Path) -> dict[str, dict[int, dict[int, dict[str, float]]]]:
     """``{method: {seed: {iteration: metrics + "fidelity" + checker accuracies}}}`` for every finished iteration."""
-    run_dir = Path(run_dir)
+    folder = RunFolder(run_dir)
     out: dict[str, dict[int, dict[int, dict[str, float]]]] = {}
-    for done in sorted(run_dir.glob("*/seed_*/iter_*/DONE")):
-        it_dir = done.parent
-        method, seed, it = it_dir.parent.parent.name, int(it_dir.parent.name[5:]), int(it_dir.name[5:])
-        meta = json.loads((it_dir / "metrics.json").read_text())
-        captions = json.loads((it_dir / "captions.json").read_text())
-        files = sorted((it_dir / "images").glob("*.png"))
-        images = [Image.open(f).convert("RGB") for f in files]
-        fid = check(images, captions)
-        rec = {k: float(v) for k, v in meta["metrics"].items() if isinstance(v, (int, float))}
+    for r in folder.read().records:
+        if not r.done:
+            continue
+        images = _open_rgb(folder.iteration_images(r.method, r.seed, r.iteration))
+        fid = check(images, folder.read_captions(r.method, r.seed, r.iteration))
+        rec: dict = dict(r.metrics)
         rec.update({"fidelity": fid["full"], "fid_shape": fid["shape"], "fid_color": fid["color"],
                     "fid_background": fid["background"]})
-        rec["verdict"] = meta.get("verdict", {}).get("label", "")
-        out.setdefault(method, {}).setdefault(seed, {})[it] = rec
+        rec["verdict"] = (r.verdict or {}).get("label", "")
+        out.setdefault(r.method, {}).setdefault(r.seed, {})[r.iteration] = rec
     return out
 
 
 def reference_record(run_dir: str | Path) -> dict[str, float]:
     """Metrics and fidelity of D0 (the run's reference images)."""
-    run_dir = Path(run_dir)
-    meta = json.loads((run_dir / "reference" / "metrics.json").read_text())
-    manifest = json.loads((run_dir / "run.json").read_text())
-    files = sorted((run_dir / "reference" / "images").glob("*.png"))
-    fid = check([Image.open(f).convert("RGB") for f in files], manifest["dataset"]["captions"])
-    rec = {k: float(v) for k, v in meta["metrics"].items() if isinstance(v, (int, float))}
+    data = RunFolder(run_dir).read()
+    fid = check(_open_rgb(RunFolder(run_dir).reference_images()), data.captions)
+    rec = dict(data.reference_metrics)
     rec["fidelity"] = fid["full"]
     return rec
 
@@ -135,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
-    records = iteration_records(args.run_dir)
+    try:
+        records = iteration_records(args.run_dir)
+    except (ValueError, FileNotFoundError) as e:
+        ap.error(str(e).splitlines()[0])
     if not records:
         ap.error(f"{args.run_dir} holds no finished iteration (no */seed_*/iter_*/DONE)")
     summary = summarise(records)
