@@ -50,7 +50,7 @@ class FeaturesFileNotFoundError(FileNotFoundError, ValueError):
 
 
 class FeaturesDependencyError(ImportError, ValueError):
-    """Inception features were asked for but torchvision is not installed (an ImportError and a ValueError, as above)."""
+    """Inception features were asked for but torchvision is missing (an ImportError and a ValueError, as above)."""
 
 
 # =================================================================================================================

@@ -127,7 +127,7 @@ class SetSummary:
                   cancel: Optional[CancelFlag] = None, *, features: FeatureSpec = "auto",
                   clip_model: Optional[Union[PathLike, ClipScorer]] = None,
                   captions: Optional[Sequence[str]] = None) -> "SetSummary":
-        """A summary of image files (a list of paths, or a folder: its *.png in sorted order), read batch_size at a time.
+        """A summary of image files (a list of paths, or a folder: its *.png, sorted), read batch_size at a time.
 
         Only one batch of decoded images is in memory at once. Images are read as 8-bit RGB, as the chain stores them.
         """
@@ -138,7 +138,8 @@ class SetSummary:
         if isinstance(paths, (str, os.PathLike)):
             folder = Path(paths)
             if not folder.is_dir():
-                raise FileNotFoundError(f"images: {str(folder)!r} is not a folder of .png files")
+                raise FileNotFoundError(f"images: {str(folder)!r} is not a folder (expected a folder of .png files or a "
+                                        "list of image paths)")
             files = sorted(folder.glob("*.png"))
             if not files:
                 raise ValueError(f"images: no .png files in {str(folder)!r}")
