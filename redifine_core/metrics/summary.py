@@ -4,6 +4,15 @@ A SetSummary keeps per-image statistics, running colour sums and one small featu
 plus the rows of an external extractor such as Inception, plus CLIP scores when asked), never the images, so memory
 is O(number of images x feature size). ``image_statistics`` and ``set_metrics`` accept image arrays or summaries and
 give identical numbers either way: an array is summarised exactly as a stream of batches would be.
+
+Streaming use, e.g. one chain iteration (each image is read or generated once, then only its summary is kept)::
+
+    extractor = get_feature_extractor(spec)                    # once per run: Inception weights load once
+    ref = SetSummary.from_pngs(reference_folder, features=extractor)
+    gen = SetSummary(features=extractor)
+    for batch in batches:                                      # uint8 or float [b, H, W, 3]
+        gen.add(batch, cancel=cancel)
+    metrics = set_metrics(gen, ref, previous=prev_summary, features=extractor)
 """
 
 from __future__ import annotations
