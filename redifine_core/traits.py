@@ -41,6 +41,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from .atomic import atomic_path
+from .bounds import check as check_bound
 from .guidance import PRESETS, Constant, Schedule, parse_schedule
 from .progress import CancelFlag, ProgressCallback, ProgressEvent, check_cancel, report
 
@@ -244,9 +245,11 @@ def simulate(selection: Union[SelectionLike, Sequence[SelectionLike]] = Selectio
     """
     mutation = _check_real("mutation", mutation, low=0.0)
     bias = _check_real("bias", bias)
-    population = _check_int("population", population, 2)
+    population = check_bound("population", population)
     generations = _check_int("generations", generations, 0)
-    seed = _check_int("seed", seed, 0)
+    if generations:
+        check_bound("generations", generations)
+    seed = check_bound("seed", seed)
     init_mean = _check_real("init_mean", init_mean)
     init_std = _check_real("init_std", init_std, low=0.0)
     if isinstance(selection, (list, tuple)):
@@ -306,7 +309,7 @@ def plot_traits(path: Union[str, os.PathLike],
                 generations: int = 20, seed: int = 0, dpi: int = 100, progress: Optional[ProgressCallback] = None,
                 cancel: Optional[CancelFlag] = None) -> Path:
     """Write a PNG of trait mean and variance vs generation for each selection (colour) and mutation (line style)."""
-    path = Path(path)
+    path = Path(path)  # the library creates a missing parent; the CLI and nodes check paths first (paths.py)
     if path.suffix.lower() != ".png":
         raise ValueError(f"path must end in .png, got {str(path)!r}")
     _check_int("dpi", dpi, 10)
