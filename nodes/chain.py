@@ -2,88 +2,17 @@
 
 from __future__ import annotations
 
-import glob
-import json
 import os
-import re
+
+from redifine_core.chain import PROTOCOLS, RunFolder, parse_method_line, parse_methods  # noqa: F401 (re-exported)
 
 from . import _comfy
-from .common import (CATEGORY, ComfyCancel, ProgressAdapter, comfy_cancellation, lines, name_error, path_inside,
-                     pils_to_tensor, schedule_error)
+from .common import CATEGORY, ComfyCancel, ProgressAdapter, comfy_cancellation, name_error, path_inside, pils_to_tensor
 
-KINDS = ("baseline", "redifine", "custom")
-PROTOCOLS = ("restart", "continue")
 RUNS_SUBDIR = "redifine"
-_LINE_RE = re.compile(r"^(?:(?P<name>[A-Za-z0-9_.\-]+)\s*:\s*)?(?P<kind>[A-Za-z]+)\b\s*(?P<rest>.*)$")
-_KEY_RE = re.compile(r"(?:^|\s)(cfg|schedule|cond_drop)\s*=", re.IGNORECASE)
-
-
-def _fmt_num(x: float) -> str:
-    return f"{x:g}"
-
-
-def parse_method_line(line: str, index: int = 0) -> dict:
-    """One method line -> MethodConfig keyword arguments; ValueError naming the line on mistakes.
-
-    Forms: ``baseline 7.5`` (or ``baseline cfg=7.5``), ``redifine`` (optionally ``cond_drop=0.2``,
-    ``schedule=<spec>``), ``custom schedule=<spec> cond_drop=<p>``; an optional ``name:`` prefix sets the label.
-    """
-    m = _LINE_RE.match(line.strip())
-    if not m or m.group("kind").lower() not in KINDS:
-        raise ValueError(f"method line {index + 1} {line!r}: start with one of {KINDS} "
-                         "(optionally 'name: ' before it), e.g. 'baseline 7.5' or 'redifine cond_drop=0.2'")
-    kind = m.group("kind").lower()
-    rest = m.group("rest").strip()
-    kw: dict = {"kind": kind}
-    keys = list(_KEY_RE.finditer(rest))
-    head = rest[: keys[0].start()].strip() if keys else rest
-    if head:
-        if kind != "baseline":
-            raise ValueError(f"method line {index + 1} {line!r}: unexpected {head!r}; use key=value "
-                             "(cfg=, schedule=, cond_drop=)")
-        kw["cfg"] = head
-    for i, k in enumerate(keys):
-        end = keys[i + 1].start() if i + 1 < len(keys) else len(rest)
-        key = k.group(1).lower()
-        if key in kw:
-            raise ValueError(f"method line {index + 1} {line!r}: {key} is given twice")
-        kw[key] = rest[k.end():end].strip()
-    for key in ("cfg", "cond_drop"):
-        if key in kw:
-            try:
-                kw[key] = float(kw[key])
-            except ValueError:
-                raise ValueError(f"method line {index + 1} {line!r}: {key}={kw[key]!r} is not a number") from None
-    if kind == "baseline" and "cfg" not in kw:
-        raise ValueError(f"method line {index + 1} {line!r}: a baseline needs its CFG, e.g. 'baseline 7.5'")
-    if kind == "baseline" and ("schedule" in kw or "cond_drop" in kw):
-        raise ValueError(f"method line {index + 1} {line!r}: a baseline is constant CFG without condition drop; "
-                         "use 'custom schedule=... cond_drop=...' for other mixes")
-    if kind == "custom" and "schedule" not in kw:
-        raise ValueError(f"method line {index + 1} {line!r}: a custom method needs schedule=<spec>")
-    if "schedule" in kw:
-        err = schedule_error(kw["schedule"], f"method line {index + 1} schedule")
-        if err:
-            raise ValueError(err)
-    if "cond_drop" in kw and not 0.0 <= kw["cond_drop"] <= 1.0:
-        raise ValueError(f"method line {index + 1} {line!r}: cond_drop={kw['cond_drop']!r} must be between 0 and 1")
-    name = m.group("name")
-    if not name:
-        name = {"baseline": f"baseline-w{_fmt_num(kw.get('cfg', 0))}", "redifine": "redifine"}.get(kind, f"custom{index + 1}")
-    kw["name"] = name
-    return kw
-
-
-def parse_methods(text: str) -> list[dict]:
-    """Every method line of the widget (at least one; names must be unique)."""
-    out = [parse_method_line(ln, i) for i, ln in enumerate(lines(text))]
-    if not out:
-        raise ValueError("methods is empty: write one method per line, e.g. 'baseline 7.5' and 'redifine'")
-    names = [m["name"] for m in out]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"methods: the names {dup} appear twice; prefix lines with distinct names like 'a: ...'")
-    return out
+"""Runs live in ``<ComfyUI output>/redifine/<run_name>``. Method lines are parsed and validated by the core's
+``parse_methods`` (one MethodConfig per line) and run folders are read through ``RunFolder``: the node holds no
+parsing or layout knowledge of its own."""
 
 
 def run_directory(run_name: str) -> str:
@@ -94,16 +23,11 @@ def run_directory(run_name: str) -> str:
 def final_verdicts(run_dir: str) -> list[str]:
     """'method (seed S), iteration i: label - reasons' for the last finished iteration of every method and seed."""
     out = []
-    for seed_dir in sorted(glob.glob(os.path.join(run_dir, "*", "seed_*"))):
-        done = sorted(d for d in glob.glob(os.path.join(seed_dir, "iter_*")) if os.path.exists(os.path.join(d, "DONE")))
-        if not done:
-            continue
-        with open(os.path.join(done[-1], "metrics.json"), encoding="utf-8") as f:
-            m = json.load(f)
-        v = m.get("verdict") or {}
-        reasons = "; ".join(v.get("reasons") or [])
-        out.append(f"{m.get('method', os.path.basename(os.path.dirname(seed_dir)))} (seed {m.get('seed', '?')}), "
-                   f"iteration {m.get('iteration', '?')}: {v.get('label', '?')}" + (f" - {reasons}" if reasons else ""))
+    for r in RunFolder(run_dir).read().last_done():
+        v = r.verdict or {}
+        reasons = "; ".join(str(x) for x in v.get("reasons") or [])
+        out.append(f"{r.method} (seed {r.seed}), iteration {r.iteration}: {v.get('label', '?')}"
+                   + (f" - {reasons}" if reasons else ""))
     return out
 
 
@@ -131,7 +55,8 @@ class ChainProgress(ProgressAdapter):
         preview = None
         if event.phase == "chain":
             self.unit, self.total = int(event.step), max(1, int(event.total))
-            stage = str(event.message).rsplit(": ", 1)[-1]
+            # the stage travels as a field; the message fallback serves events built without it (older tests)
+            stage = extra.get("stage") or str(event.message).rsplit(": ", 1)[-1]
             frac = {"sampling": self.SPANS["sample"][0], "metrics": self.SPANS["metrics"][0]}.get(stage, 0.0)
             if stage == "metrics":
                 preview = self._newest_image(extra)
@@ -150,10 +75,9 @@ class ChainProgress(ProgressAdapter):
         try:
             from PIL import Image
 
-            d = os.path.join(self.run_dir, str(ctx["method"]), f"seed_{int(ctx['seed'])}",
-                             f"iter_{int(ctx['iteration']):03d}", "images")
-            first = sorted(f for f in os.listdir(d) if f.endswith(".png"))[0]
-            with Image.open(os.path.join(d, first)) as im:
+            first = RunFolder(self.run_dir).iteration_images(str(ctx["method"]), int(ctx["seed"]),
+                                                             int(ctx["iteration"]))[0]
+            with Image.open(first) as im:
                 return ("JPEG", im.convert("RGB").resize((256, 256), Image.NEAREST), 256)
         except Exception:  # a preview is a nicety; never let it break the run
             return None
@@ -200,7 +124,7 @@ class ReDiFineChain:
             "dataset": ("REDIFINE_DATASET", {"tooltip": "D0: the captioned images the chain starts from."}),
             "run_name": ("STRING", {"default": "my_chain", "tooltip":
                          "Run folder name under ComfyUI's output/redifine/. A plain name: no '/', '\\' or '..'."}),
-            "iterations": ("INT", {"default": 3, "min": 1, "max": 100, "tooltip":
+            "iterations": ("INT", {"default": 3, "min": 1, "max": 1000, "tooltip":
                            "How many finetune-and-regenerate rounds."}),
             "methods": ("STRING", {"default": "baseline 7.5\nredifine", "multiline": True, "tooltip":
                         "One method per line: 'baseline <cfg>' (constant CFG, no condition drop), 'redifine' "
@@ -232,6 +156,9 @@ class ReDiFineChain:
 
     @classmethod
     def VALIDATE_INPUTS(cls, run_name, methods, iterations, protocol):
+        # Inputs taken here lose ComfyUI's own min/max check: each is checked with the core's bounds and parsers.
+        from redifine_core import bounds
+
         if run_name is not None:
             err = name_error(run_name, "run_name")
             if err:
@@ -241,8 +168,8 @@ class ReDiFineChain:
                 parse_methods(methods)
             except ValueError as e:
                 return str(e)
-        if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1):
-            return f"iterations={iterations!r} must be an integer >= 1"
+        if iterations is not None and not bounds.in_bounds("iterations", iterations):
+            return f"iterations={iterations!r} must be {bounds.BOUNDS['iterations'].allowed}"
         if protocol is not None and protocol not in PROTOCOLS:
             return f"protocol={protocol!r} must be one of {PROTOCOLS}"
         return True
@@ -251,33 +178,32 @@ class ReDiFineChain:
             replicates, train_steps, rank, learning_rate, batch_size, resolution, protocol, resume, unique_id=None):
         import torch
 
-        from redifine_core.chain import ChainConfig, MethodConfig, run_chain
-        from redifine_core.report import render_report
+        from redifine_core.chain import ChainConfig, run_chain
         from redifine_core.training import TrainConfig
 
         err = name_error(run_name, "run_name")
         if err:
             raise ValueError(err)
         run_dir = run_directory(run_name)
-        if os.path.exists(os.path.join(run_dir, "run.json")) and not resume:
+        folder = RunFolder(run_dir)
+        if folder.exists() and not resume:
             raise ValueError(f"run_name={run_name!r}: {run_dir} already holds a run; turn resume on to continue it "
                              "or choose another run_name")
         size = int(resolution) or None
         config = ChainConfig(
             iterations=int(iterations),
-            methods=tuple(MethodConfig(**kw) for kw in parse_methods(methods)),
+            methods=parse_methods(methods),
             train=TrainConfig(steps=int(train_steps), learning_rate=float(learning_rate), rank=int(rank),
                               alpha=float(rank), batch_size=int(batch_size), resolution=size, seed=int(seed)),
             images_per_caption=int(images_per_caption), steps=int(steps), sampler=sampler,
             seeds=tuple(int(seed) + i for i in range(int(replicates))), protocol=protocol, width=size, height=size,
         )
         with torch.inference_mode(False), comfy_cancellation():
-            run_chain(pipeline, dataset, config, run_dir, progress=ChainProgress(unique_id, run_dir), cancel=ComfyCancel(),
-                      resume=bool(resume) and os.path.exists(os.path.join(run_dir, "run.json")))
-            render_report(run_dir)
-        grids = sorted(glob.glob(os.path.join(run_dir, "grid_*.png")))
-        curves = os.path.join(run_dir, "curves.png")
+            run_chain(pipeline, dataset, config, run_dir, progress=ChainProgress(unique_id, run_dir),
+                      cancel=ComfyCancel(), resume=bool(resume) and folder.exists())  # also renders the report
+        grids = folder.grids()
         grid_t = pils_to_tensor(_load_images(grids)) if grids else torch.zeros(1, 64, 64, 3)
-        curves_t = pils_to_tensor(_load_images([curves])) if os.path.exists(curves) else torch.zeros(1, 64, 64, 3)
+        curves = folder.curves_png
+        curves_t = pils_to_tensor(_load_images([curves])) if curves.exists() else torch.zeros(1, 64, 64, 3)
         verdict = "\n".join(final_verdicts(run_dir)) or "no finished iteration"
         return {"ui": {"text": [verdict]}, "result": (grid_t, curves_t, verdict, run_dir)}
