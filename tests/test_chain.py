@@ -132,7 +132,8 @@ def test_image_seed_is_a_pure_function_of_replicate_caption_and_index():
 class FakeSummary:
     """A set summary that keeps only a running pixel sum: the chain must never need the images themselves."""
 
-    def __init__(self):
+    def __init__(self, features="auto"):
+        self.features = features
         self.total, self.pixels, self.n, self.batches = 0.0, 0, 0, 0
 
     def add(self, images, cancel=None):
@@ -150,8 +151,8 @@ class FakeSummary:
         return self.total / self.pixels
 
     @classmethod
-    def from_pngs(cls, paths, batch_size=16, cancel=None):
-        s = cls()
+    def from_pngs(cls, paths, batch_size=16, cancel=None, features="auto"):
+        s = cls(features)
         for p in paths:
             s.add(np.asarray(Image.open(p).convert("RGB"))[None])
         return s
@@ -212,7 +213,7 @@ class FakeBackend:
         return SimpleNamespace(label=label, reasons=[f"mean moved {drift:+.4f}"])
 
     def image_statistics(self, images):
-        return {"mean": float(np.asarray(images, dtype=np.float64).mean() / 255.0)}
+        return {"mean": images.mean()}
 
     def backend(self) -> ch.ChainBackend:
         return ch.ChainBackend(

@@ -165,6 +165,7 @@ class _Run:
     progress: Optional[ProgressCallback]
     cancel: Optional[CancelFlag]
     result: ChainResult
+    features: Any = None  # the run's feature extractor (resolved once)
     reference_summary: Any = None
 
     def stage(self, unit: Unit, stage: str, step: Optional[int] = None, message: Optional[str] = None) -> None:
@@ -259,17 +260,24 @@ def run_chain(
 
 
 def _write_reference(run: _Run) -> None:
+    """D0 as used, its captions and statistics; the run's feature set and D0's summary (read back from the PNGs)."""
     folder = run.folder
     for c, im in enumerate(run.reference):
         if not folder.reference_image(c).exists():
             save_png(folder.reference_image(c), im)
     if not folder.reference_captions_json.exists():
         write_json(folder.reference_captions_json, run.captions)
+    run.features = run.backend.feature_extractor(run.config.features)
+    run.reference_summary = _summary_of(run, [folder.reference_image(c) for c in range(len(run.reference))])
     if not folder.reference_metrics_json.exists():
-        stats = run.backend.image_statistics(np.stack([np.asarray(im, dtype=np.uint8) for im in run.reference]))
+        stats = run.backend.image_statistics(run.reference_summary)
         write_json(folder.reference_metrics_json, {"metrics": _floats(stats)})
-    run.reference_summary = run.backend.summary_from_pngs(
-        [folder.reference_image(c) for c in range(len(run.reference))], cancel=run.cancel)
+
+
+def _summary_of(run: _Run, paths: list[Path]) -> Any:
+    """The summary of a set on disk, read in generation-sized batches (the batching its summary was built with)."""
+    return run.backend.summary_from_pngs(paths, batch_size=run.config.batch_size, cancel=run.cancel,
+                                         features=run.features)
 
 
 def _run_unit(run: _Run, unit: Unit) -> None:
@@ -351,7 +359,7 @@ def _generate(run: _Run, unit: Unit, lora: Any) -> Any:
     names = [folder.image_name(c, k) for c in range(n) for k in range(ipc)]  # sorted order == generation order
     seeds = [image_seed(S, c, k) for c in range(n) for k in range(ipc)]
     run.stage(unit, "sampling")
-    summary = run.backend.new_summary()
+    summary = run.backend.new_summary(features=run.features)
     written = 0
     for idx, images in _batches(run, unit, prompts, seeds, lora):
         u8 = _to_uint8(images)
@@ -373,9 +381,8 @@ def _measure(run: _Run, unit: Unit, generated: Any) -> dict:
     """metrics.json of D_{i+1} against D0 and D_i, with the verdict against the unit's own iteration 0."""
     folder, config, m, S, i = run.folder, run.config, unit.method.name, unit.seed, unit.iteration
     run.stage(unit, "metrics")
-    previous = run.reference_summary if i == 0 else run.backend.summary_from_pngs(
-        folder.iteration_images(m, S, i - 1), cancel=run.cancel)
-    raw = run.backend.set_metrics(generated, run.reference_summary, previous, features=config.features,
+    previous = run.reference_summary if i == 0 else _summary_of(run, folder.iteration_images(m, S, i - 1))
+    raw = run.backend.set_metrics(generated, run.reference_summary, previous, features=run.features,
                                   progress=run.nested(unit), cancel=run.cancel)
     features = str(raw.get("features", config.features))
     metrics = _floats(raw)
