@@ -65,8 +65,16 @@ def sd1_tokenizer_dir() -> Optional[str]:
         import comfy
     except Exception:
         return None
-    path = os.path.join(os.path.dirname(os.path.realpath(comfy.__file__)), "sd1_tokenizer")
-    return path if os.path.isdir(path) else None
+    # ``comfy`` has no __init__.py in ComfyUI 0.3.x: a namespace package, whose __file__ is None. Its __path__ lists
+    # the folder(s) it lives in, for regular and namespace packages alike.
+    roots = list(getattr(comfy, "__path__", None) or [])
+    if not roots and getattr(comfy, "__file__", None):
+        roots = [os.path.dirname(comfy.__file__)]
+    for root in roots:
+        path = os.path.join(os.path.realpath(root), "sd1_tokenizer")
+        if os.path.isdir(path):
+            return path
+    return None
 
 
 def interrupt_exception_type() -> type:

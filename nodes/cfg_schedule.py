@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from . import _comfy
-from .common import CATEGORY, schedule_error
+from .common import CATEGORY, bound_error, run_checks, schedule_error, widget
 
 WRAPPER_KEY = "redifine_cfg_schedule"
 
@@ -78,8 +78,8 @@ class ReDiFineCFGScheduleModel:
             "schedule": ("STRING", {"default": "redifine", "tooltip":
                          "CFG schedule over the denoising steps: a number (constant), a preset such as 'redifine', "
                          "or a schedule spec. Use ReDiFine Plot CFG Schedule to see it."}),
-            "iteration": ("INT", {"default": 0, "min": 0, "max": 10000, "tooltip":
-                          "Chain iteration for schedules that also change along the chain (0 otherwise)."}),
+            "iteration": ("INT", widget("iteration", 0, "Chain iteration for schedules that also change along the "
+                                        "chain (0 otherwise).")),
         }}
 
     @classmethod
@@ -88,13 +88,12 @@ class ReDiFineCFGScheduleModel:
             err = schedule_error(schedule)
             if err:
                 return err
-        if iteration is not None and (isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0):
-            return f"iteration={iteration!r} must be an integer >= 0"
-        return True
+        return bound_error("iteration", iteration, "iteration") or True
 
     def patch(self, model, schedule, iteration):
         from redifine_core.guidance import parse_schedule
 
+        run_checks(self.VALIDATE_INPUTS(schedule, iteration))
         sched = parse_schedule(schedule)
         it = int(iteration)
         kind = _comfy.patcher_extension().WrappersMP.PREDICT_NOISE

@@ -153,8 +153,48 @@ def schedule_error(spec: Any, field: str = "schedule") -> Optional[str]:
 
     try:
         parse_schedule(spec)
-    except ValueError as e:
-        return f"{field}={spec!r}: {e}"
+    except ValueError as e:  # the first line names the spec, the argument and the character
+        return f"{field}={spec!r}: {str(e).splitlines()[0]}"
     except Exception as e:  # a core still being written must not crash validation
         return f"{field}={spec!r} could not be parsed: {e}"
     return None
+
+
+def bound_error(key: str, value: Any, name: str, zero_means_default: bool = False) -> Optional[str]:
+    """Why ``value`` is outside the documented bound ``key`` of ``redifine_core.bounds`` (None when it is fine).
+
+    ``None`` (a widget fed by a link) passes here and is checked when the node runs. ``zero_means_default``: 0 is
+    the widget's "use the model's own" value (width, height, resolution).
+    """
+    from redifine_core import bounds
+
+    if value is None or (zero_means_default and value == 0 and not isinstance(value, bool)):
+        return None
+    if not bounds.in_bounds(key, value):
+        allowed = bounds.BOUNDS[key].allowed + (" (or 0 for the model's own)" if zero_means_default else "")
+        return f"{name}={value!r} must be {allowed}"
+    return None
+
+
+def widget(key: str, default: Any, tooltip: str, zero_means_default: bool = False, **extra: Any) -> dict:
+    """Widget options whose min/max are the documented bounds (ComfyUI skips its own min/max check for an input
+    that VALIDATE_INPUTS takes, so VALIDATE_INPUTS checks :func:`bound_error` with the same table)."""
+    from redifine_core import bounds
+
+    b = bounds.BOUNDS[key]
+    opts = {"default": default, "min": 0 if zero_means_default else b.lo, "max": b.hi, "tooltip": tooltip}
+    if b.integer and b.multiple > 1:
+        opts["step"] = b.multiple
+    opts.update(extra)
+    return opts
+
+
+def first_error(*errors: Optional[str]) -> Any:
+    """The first error message, or True (VALIDATE_INPUTS' "valid")."""
+    return next((e for e in errors if e), True)
+
+
+def run_checks(result: Any) -> None:
+    """At run time, raise the VALIDATE_INPUTS message for values that arrived through links (one line)."""
+    if result is not True:
+        raise ValueError(str(result))

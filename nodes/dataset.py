@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from . import _comfy
-from .common import CATEGORY, lines, path_inside, pils_to_tensor
+from .common import CATEGORY, bound_error, first_error, lines, path_inside, pils_to_tensor, run_checks, widget
 
 SOURCES = ("toy", "folder", "images")
 NO_FOLDER = "(none)"
@@ -48,10 +48,8 @@ class ReDiFineDataset:
                 "folder": ([NO_FOLDER] + input_subfolders(), {"default": NO_FOLDER, "tooltip":
                            "For source=folder: a sub-folder of ComfyUI's input folder with images and same-name .txt "
                            "captions (e.g. cat_01.png + cat_01.txt)."}),
-                "toy_count": ("INT", {"default": 8, "min": 1, "max": 4096, "tooltip":
-                              "For source=toy: how many toy images to draw."}),
-                "toy_seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip":
-                             "For source=toy: the seed that fixes which toy images are drawn."}),
+                "toy_count": ("INT", widget("images", 8, "For source=toy: how many toy images to draw.")),
+                "toy_seed": ("INT", widget("seed", 0, "For source=toy: the seed that fixes which toy images are drawn.")),
                 "default_caption": ("STRING", {"default": "", "tooltip":
                                     "For source=folder: the caption used for images without a .txt file "
                                     "(empty = such images are an error)."}),
@@ -72,20 +70,21 @@ class ReDiFineDataset:
             if folder in (None, NO_FOLDER):
                 return "source=folder needs a folder: put images + .txt captions in a sub-folder of ComfyUI's input folder"
             try:
-                path_inside(_comfy.input_directory(), folder)
+                target = path_inside(_comfy.input_directory(), folder)
             except ValueError as e:
                 return f"folder={folder!r}: {e}"
-        if source == "images" and not lines(captions):
+            if not os.path.isdir(target):
+                return f"folder={folder!r} is not a folder in ComfyUI's input folder; refresh the page to list them"
+        if source == "images" and captions is not None and not lines(captions):
             return "source=images needs captions: one caption per line (or one line for all images)"
-        if not isinstance(toy_count, int) or toy_count < 1:
-            return f"toy_count={toy_count!r} must be a positive integer"
-        return True
+        return first_error(bound_error("images", toy_count, "toy_count"), bound_error("seed", toy_seed, "toy_seed"))
 
     def build(self, source, folder, toy_count, toy_seed, default_caption, captions, images=None):
         import torch
 
         from redifine_core.data import CaptionedImages
 
+        run_checks(self.VALIDATE_INPUTS(source, folder, toy_count, toy_seed, default_caption, captions))
         with torch.inference_mode(False):
             if source == "toy":
                 from redifine_core.toy.dataset import make_toy_dataset

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .common import CATEGORY, ComfyCancel, ProgressAdapter, comfy_cancellation, lines, schedule_error
+from .common import (CATEGORY, ComfyCancel, ProgressAdapter, bound_error, comfy_cancellation, first_error, lines,
+                     run_checks, schedule_error, widget)
 
 FALLBACK_SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "pndm")
 
@@ -14,15 +15,6 @@ def sampler_names() -> list[str]:
         return list(SAMPLERS)
     except Exception:  # the core is importable but incomplete: keep the node listable
         return list(FALLBACK_SAMPLERS)
-
-
-def _positive_int(value, field, allow_zero=False):
-    if value is None:
-        return None
-    lo = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        return f"{field}={value!r} must be an integer >= {lo}"
-    return None
 
 
 class ReDiFineGenerate:
@@ -45,18 +37,16 @@ class ReDiFineGenerate:
                 "schedule": ("STRING", {"default": "7.5", "tooltip":
                              "CFG schedule: a number (constant), a preset name such as 'redifine', or a schedule "
                              "spec (see the Plot CFG Schedule node and docs/comfyui.md)."}),
-                "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Denoising steps."}),
+                "steps": ("INT", widget("steps", 20, "Denoising steps.")),
                 "sampler": (sampler_names(), {"default": "ddim", "tooltip": "The denoising sampler."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip":
-                         "Seed of the first image; image i uses seed + i."}),
-                "width": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8, "tooltip":
-                          "Width in pixels; 0 = the model's own size."}),
-                "height": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8, "tooltip":
-                           "Height in pixels; 0 = the model's own size."}),
+                "seed": ("INT", widget("seed", 0, "Seed of the first image; image i uses seed + i.")),
+                "width": ("INT", widget("width", 0, "Width in pixels; 0 = the model's own size.",
+                                        zero_means_default=True)),
+                "height": ("INT", widget("height", 0, "Height in pixels; 0 = the model's own size.",
+                                         zero_means_default=True)),
                 "negative_prompt": ("STRING", {"default": "", "tooltip":
                                     "The prompt that CFG steers away from (empty = unconditional)."}),
-                "lora_scale": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05, "tooltip":
-                               "Strength of the connected LoRA."}),
+                "lora_scale": ("FLOAT", widget("lora_scale", 1.0, "Strength of the connected LoRA.", step=0.05)),
             },
             "optional": {
                 "lora": ("REDIFINE_LORA", {"tooltip": "Optional LoRA (from ReDiFine Train LoRA)."}),
@@ -65,23 +55,24 @@ class ReDiFineGenerate:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, prompts, schedule, steps, width, height):
+    def VALIDATE_INPUTS(cls, prompts, schedule, steps, width, height, seed=None, lora_scale=None):
         if prompts is not None and not lines(prompts):
             return "prompts is empty: write at least one prompt (one per line)"
-        if schedule is not None:
-            err = schedule_error(schedule)
-            if err:
-                return err
-        for v, f, z in ((steps, "steps", False), (width, "width", True), (height, "height", True)):
-            err = _positive_int(v, f, z)
-            if err:
-                return err
-        return True
+        return first_error(
+            None if prompts is None else bound_error("images", len(lines(prompts)), "prompt lines"),
+            None if schedule is None else schedule_error(schedule),
+            bound_error("steps", steps, "steps"),
+            bound_error("seed", seed, "seed"),
+            bound_error("width", width, "width", zero_means_default=True),
+            bound_error("height", height, "height", zero_means_default=True),
+            bound_error("lora_scale", lora_scale, "lora_scale"),
+        )
 
     def generate(self, pipeline, prompts, schedule, steps, sampler, seed, width, height, negative_prompt,
                  lora_scale, lora=None, unique_id=None):
         from redifine_core.sampling import generate
 
+        run_checks(self.VALIDATE_INPUTS(prompts, schedule, steps, width, height, seed, lora_scale))
         with comfy_cancellation():
             images = generate(pipeline, lines(prompts), schedule, steps=int(steps), seeds=int(seed),
                               negative_prompt=negative_prompt or "", sampler=sampler, width=int(width) or None,

@@ -10,11 +10,7 @@ For a real SD1.x/SDXL checkpoint use CheckpointLoaderSimple instead.
 
 from __future__ import annotations
 
-import atexit
 import copy
-import os
-import shutil
-import tempfile
 from typing import Any
 
 from .common import CATEGORY
@@ -93,19 +89,22 @@ def _native_model(pipe):
                                             offload_device=mm.unet_offload_device())
 
 
-def _tokenizer_dir(pipe) -> str:
-    """The pipeline's tokenizer saved once to a folder ComfyUI's SDTokenizer can load (transformers format)."""
-    d = getattr(pipe, "_redifine_comfy_tokenizer_dir", None)
-    if d and os.path.isdir(d):
-        return d
-    d = tempfile.mkdtemp(prefix="redifine_tok_")
-    atexit.register(shutil.rmtree, d, True)
-    pipe.tokenizer.save_pretrained(d)
-    try:
-        pipe._redifine_comfy_tokenizer_dir = d
-    except Exception:
-        pass
-    return d
+class _PipelineTokenizer:
+    """A ``tokenizer_class`` for ComfyUI's SDTokenizer that hands over a copy of the pipeline's own tokenizer.
+
+    SDTokenizer calls ``tokenizer_class.from_pretrained(tokenizer_path)``; answering with the tokenizer object
+    itself means no tokenizer folder is ever written (a temp folder would outlive a server stopped with SIGTERM).
+    """
+
+    tokenizer: Any = None
+
+    @classmethod
+    def bound_to(cls, tokenizer: Any) -> type:
+        return type("PipelineTokenizer", (cls,), {"tokenizer": tokenizer})
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
+        return copy.deepcopy(cls.tokenizer)
 
 
 def _native_clip(pipe):
@@ -126,7 +125,7 @@ def _native_clip(pipe):
     max_len = int(min(tok.model_max_length, c.max_position_embeddings))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     special = {"start": tok.bos_token_id, "end": tok.eos_token_id, "pad": pad}
-    tok_dir = _tokenizer_dir(pipe)
+    tokenizer_class = _PipelineTokenizer.bound_to(tok)
     width = c.hidden_size
 
     class TextModel(sd1.SDClipModel):
@@ -144,7 +143,8 @@ def _native_clip(pipe):
 
     class WordTokenizer(sd1.SDTokenizer):
         def __init__(self, embedding_directory=None, tokenizer_data={}):
-            super().__init__(tokenizer_path=tok_dir, max_length=max_len, pad_with_end=False,
+            super().__init__(tokenizer_path="redifine-pipeline-tokenizer", tokenizer_class=tokenizer_class,
+                             max_length=max_len, pad_with_end=False,
                              embedding_directory=embedding_directory, embedding_size=width, embedding_key="clip_l",
                              tokenizer_data=tokenizer_data, pad_token=pad)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import CATEGORY, lines, pils_to_tensor, schedule_error
+from .common import CATEGORY, bound_error, lines, pils_to_tensor, run_checks, schedule_error, widget
 
 
 class ReDiFinePlotSchedule:
@@ -19,7 +19,7 @@ class ReDiFinePlotSchedule:
         return {"required": {
             "schedules": ("STRING", {"default": "7.5\nredifine", "multiline": True, "tooltip":
                           "One schedule per line: a number, a preset such as 'redifine', or a schedule spec."}),
-            "steps": ("INT", {"default": 30, "min": 2, "max": 1000, "tooltip": "Number of denoising steps to plot."}),
+            "steps": ("INT", widget("steps", 30, "Number of denoising steps to plot.", min=2)),
         }}
 
     @classmethod
@@ -34,10 +34,11 @@ class ReDiFinePlotSchedule:
                     return err
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 2):
             return f"steps={steps!r} must be an integer >= 2"
-        return True
+        return bound_error("steps", steps, "steps") or True
 
     def plot(self, schedules, steps):
         from redifine_core.report import plot_schedule
 
+        run_checks(self.VALIDATE_INPUTS(schedules, steps))
         img = plot_schedule(lines(schedules), int(steps))
         return (pils_to_tensor([img]),)

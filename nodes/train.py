@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 from . import _comfy
-from .common import ANY, CATEGORY, ComfyCancel, ProgressAdapter, comfy_cancellation, name_error, path_inside, safe_name
+from .common import (ANY, CATEGORY, ComfyCancel, ProgressAdapter, bound_error, comfy_cancellation, first_error, name_error,
+                     path_inside, run_checks, safe_name, widget)
 
 PRECISIONS = ("no", "fp16", "bf16")
 
@@ -61,20 +62,19 @@ class ReDiFineTrainLoRA:
             "lora_name": ("STRING", {"default": "redifine_lora", "tooltip":
                           "File name in ComfyUI's loras folder (.safetensors is added). A plain name: no '/', '\\' "
                           "or '..'. An existing file of that name is replaced when training finishes."}),
-            "cond_drop": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
-                          "Probability of training a sample on the empty prompt (0 = plain finetuning, the paper's "
-                          "ReDiFine uses about 0.1-0.2)."}),
-            "rank": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "LoRA rank (size of the low-rank update)."}),
-            "alpha": ("FLOAT", {"default": 4.0, "min": 0.01, "max": 1024.0, "step": 0.01, "tooltip":
-                      "LoRA alpha; the update is scaled by alpha / rank."}),
-            "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-5, "round": False,
-                              "tooltip": "AdamW learning rate."}),
-            "steps": ("INT", {"default": 200, "min": 1, "max": 100000, "tooltip": "Optimizer steps."}),
-            "batch_size": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "Images per optimizer step."}),
-            "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8, "tooltip":
-                           "Training resolution in pixels; 0 = the model's own (e.g. 512 for SD1.5, 32 for toy)."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip":
-                     "Seed for noise, timesteps and condition drop: same seed + inputs = same LoRA."}),
+            "cond_drop": ("FLOAT", widget("cond_drop", 0.1, "Probability of training a sample on the empty prompt (0 "
+                          "= plain finetuning, the paper's ReDiFine uses about 0.1-0.2).", step=0.01)),
+            "rank": ("INT", widget("rank", 4, "LoRA rank (size of the low-rank update).")),
+            "alpha": ("FLOAT", widget("alpha", 4.0, "LoRA alpha; the update is scaled by alpha / rank.", min=0.01,
+                                      step=0.01)),
+            "learning_rate": ("FLOAT", widget("learning_rate", 1e-4, "AdamW learning rate.", min=1e-7, step=1e-5,
+                                              round=False)),
+            "steps": ("INT", widget("train_steps", 200, "Optimizer steps.")),
+            "batch_size": ("INT", widget("batch_size", 4, "Images per optimizer step.")),
+            "resolution": ("INT", widget("resolution", 0, "Training resolution in pixels; 0 = the model's own (e.g. "
+                                         "512 for SD1.5, 32 for toy).", zero_means_default=True)),
+            "seed": ("INT", widget("seed", 0, "Seed for noise, timesteps and condition drop: same seed + inputs = "
+                                   "same LoRA.")),
             "precision": (list(PRECISIONS), {"default": "no", "tooltip":
                           "Mixed precision for the forward pass: no (fp32), fp16 or bf16 (GPU)."}),
             "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip":
@@ -83,27 +83,21 @@ class ReDiFineTrainLoRA:
 
     @classmethod
     def VALIDATE_INPUTS(cls, lora_name, cond_drop, rank, alpha, learning_rate, steps, batch_size, resolution,
-                        precision):
+                        precision, seed=None):
         # A value is None when the widget is fed by a link; it is then checked when the node runs.
-        err = None if lora_name is None else name_error(lora_name, "lora_name")
-        if err:
-            return err
-        checks = (
-            (cond_drop, lambda v: 0.0 <= v <= 1.0, "cond_drop={!r} must be between 0 and 1 (a probability)"),
-            (rank, lambda v: v >= 1 and v == int(v), "rank={!r} must be a positive integer"),
-            (alpha, lambda v: v > 0, "alpha={!r} must be > 0"),
-            (learning_rate, lambda v: 0 < v <= 1, "learning_rate={!r} must be in (0, 1]"),
-            (steps, lambda v: v >= 1 and v == int(v), "steps={!r} must be a positive integer"),
-            (batch_size, lambda v: v >= 1 and v == int(v), "batch_size={!r} must be a positive integer"),
-            (resolution, lambda v: v >= 0 and v % 8 == 0,
-             "resolution={!r} must be 0 (the model's own) or a positive multiple of 8"),
-        )
-        for value, ok, msg in checks:
-            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or not ok(value)):
-                return msg.format(value)
         if precision is not None and precision not in PRECISIONS:
             return f"precision={precision!r} must be one of {PRECISIONS}"
-        return True
+        return first_error(
+            None if lora_name is None else name_error(lora_name, "lora_name"),
+            bound_error("cond_drop", cond_drop, "cond_drop"),
+            bound_error("rank", rank, "rank"),
+            bound_error("alpha", alpha, "alpha"),
+            bound_error("learning_rate", learning_rate, "learning_rate"),
+            bound_error("train_steps", steps, "steps"),
+            bound_error("batch_size", batch_size, "batch_size"),
+            bound_error("resolution", resolution, "resolution", zero_means_default=True),
+            bound_error("seed", seed, "seed"),
+        )
 
     @classmethod
     def IS_CHANGED(cls, lora_name=None, **kwargs):
@@ -124,6 +118,8 @@ class ReDiFineTrainLoRA:
 
         from .common import pils_to_tensor
 
+        run_checks(self.VALIDATE_INPUTS(lora_name, cond_drop, rank, alpha, learning_rate, steps, batch_size,
+                                        resolution, precision, seed))
         path = lora_path(lora_name)  # checked before any work
         state = file_state(path)
         config = TrainConfig(steps=int(steps), learning_rate=float(learning_rate), rank=int(rank), alpha=float(alpha),

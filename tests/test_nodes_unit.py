@@ -103,7 +103,7 @@ def test_train_validation_messages():
     assert "path separators" in v(**{**ok, "lora_name": "sub\\x"})
     assert "non-empty" in v(**{**ok, "lora_name": "  "})
     msg = v(**{**ok, "cond_drop": 1.5})
-    assert "cond_drop=1.5" in msg and "between 0 and 1" in msg
+    assert "cond_drop=1.5" in msg and "in [0, 1]" in msg
     assert "multiple of 8" in v(**{**ok, "resolution": 30})
     assert "precision" in v(**{**ok, "precision": "fp8"})
     # a linked widget arrives as None at validation time and must not be rejected
