@@ -29,6 +29,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 import numpy as np
 
 from .atomic import save_png, write_text
+from .bounds import check as check_bound
+from .paths import check_output_dir
 from .progress import CancelFlag, ProgressCallback, ProgressEvent, check_cancel, report
 
 HUB_HOST = "huggingface.co"
@@ -104,8 +106,8 @@ def convert_records(
     The caption is ``caption_fn(row)`` when given, else ``row[caption_column]``. Rows with an empty caption are
     written with an empty .txt. Raises ValueError naming the missing column (listing the row's columns).
     """
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit={limit!r} must be a positive integer or None")
+    if limit is not None:
+        check_bound("download_limit", limit, "limit")
     if caption_fn is None and not caption_column:
         raise ValueError("caption_column=None needs a caption_fn")
     out = Path(out_dir)
@@ -180,9 +182,12 @@ def prepare_dataset(
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"name={name!r} must be a dataset id such as 'lambdalabs/pokemon-blip-captions'")
+    if limit is not None:
+        check_bound("download_limit", limit, "limit")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"out_dir={str(out)!r} exists and is not an empty folder; choose a new folder")
+    check_output_dir(out, "out_dir")  # writable (or creatable) before anything is downloaded
     recipe = KNOWN.get(name, DatasetRecipe())
     img_col = image_column or recipe.image_column
     cap_col = caption_column or recipe.caption_column
