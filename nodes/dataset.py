@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 from . import _comfy
-from .common import CATEGORY, bound_error, first_error, lines, path_inside, pils_to_tensor, run_checks, widget
+from .common import (CATEGORY, ComfyCancel, bound_error, comfy_cancellation, first_error, lines, path_inside,
+                     pils_to_tensor, run_checks, widget)
 
 SOURCES = ("toy", "folder", "images")
 NO_FOLDER = "(none)"
@@ -92,7 +93,9 @@ class ReDiFineDataset:
                 ds = make_toy_dataset(int(toy_count), seed=int(toy_seed))
             elif source == "folder":
                 path = path_inside(_comfy.input_directory(), folder)
-                ds = CaptionedImages.from_folder(path, default_caption=default_caption or None)
+                with comfy_cancellation():  # Cancel stops between two images of a large folder
+                    ds = CaptionedImages.from_folder(path, default_caption=default_caption or None,
+                                                     cancel=ComfyCancel())
             else:
                 if images is None:
                     raise ValueError("source=images needs the images input connected")

@@ -398,6 +398,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except USER_ERRORS as e:  # bad input, path or setting: one line, never a traceback
+        if os.environ.get("REDIFINE_DEBUG"):  # for bug reports: the full traceback
+            raise
         _err(f"redifine {args.command}", _line(e))
         return EXIT_USAGE
 

@@ -160,12 +160,15 @@ class CaptionedImages:
 
     @classmethod
     def from_folder(cls, folder: Union[str, os.PathLike], default_caption: Optional[str] = None,
-                    limit: Optional[int] = None) -> "CaptionedImages":
+                    limit: Optional[int] = None, cancel: Optional[Any] = None) -> "CaptionedImages":
         """Images in ``folder`` (not recursive, sorted by name) with captions from ``<stem>.txt`` beside each.
 
         ``limit`` reads only the first N images. Every caption is read (and must be UTF-8 text) before any image is
-        decoded, so a bad caption file is reported at once.
+        decoded, so a bad caption file is reported at once. ``cancel`` (anything with ``is_set()``) is checked
+        before each image: ``progress.Cancelled`` is raised when it is set.
         """
+        from .progress import check_cancel
+
         folder = Path(folder).expanduser()
         if not folder.is_dir():
             raise ValueError(f"dataset folder {str(folder)!r} does not exist or is not a folder")
@@ -184,6 +187,7 @@ class CaptionedImages:
         captions = [read_caption(p, default_caption) for p in files]
         images = []
         for p in files:
+            check_cancel(cancel)
             try:
                 with Image.open(p) as im:
                     im.load()

@@ -153,3 +153,22 @@ def test_utf8_with_bom_is_read_and_limit_reads_only_the_first_images(tmp_path):
     assert ds.captions == ("café 0", "café 1") and ds.names == ("0", "1")
     with pytest.raises(ValueError, match="cannot read image"):
         CaptionedImages.from_folder(tmp_path)
+
+
+def test_from_folder_stops_between_images_when_cancelled(tmp_path):
+    from redifine_core.progress import Cancelled
+
+    for i in range(3):
+        _write(tmp_path, f"{i}.png", Image.new("RGB", (8, 8)), "c")
+
+    class AfterOne:
+        calls = 0
+
+        def is_set(self):
+            self.calls += 1
+            return self.calls > 1
+
+    flag = AfterOne()
+    with pytest.raises(Cancelled):
+        CaptionedImages.from_folder(tmp_path, cancel=flag)
+    assert flag.calls == 2
