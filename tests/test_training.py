@@ -37,13 +37,16 @@ def _snapshot(pipeline):
             [(n, type(x).__name__) for n, x in m.named_modules()],
             {n: p.requires_grad for n, p in m.named_parameters()},
             hasattr(m, "peft_config"),
+            [x.training for x in m.modules()],
+            {p.device for p in m.parameters()},
         )
     out["gc"] = pipeline.unet.is_gradient_checkpointing
+    out["te_gc"] = any(getattr(x, "gradient_checkpointing", False) for x in pipeline.text_encoder.modules())
     return out
 
 
 def _assert_same(a, b):
-    assert a["gc"] == b["gc"]
+    assert a["gc"] == b["gc"] and a["te_gc"] == b["te_gc"]
     for name in ("unet", "text_encoder", "vae"):
         sa, sb = a[name], b[name]
         assert list(sa[0]) == list(sb[0]), f"{name}: state-dict keys changed"
@@ -51,6 +54,8 @@ def _assert_same(a, b):
         assert sa[1] == sb[1], f"{name}: module tree changed"
         assert sa[2] == sb[2], f"{name}: requires_grad flags changed"
         assert sa[3] == sb[3]
+        assert sa[4] == sb[4], f"{name}: train/eval modes changed"
+        assert sa[5] == sb[5], f"{name}: device changed"
 
 
 def _lora_equal(a: LoraWeights, b: LoraWeights) -> bool:
@@ -164,6 +169,7 @@ def test_works_inside_inference_mode_with_a_pipeline_loaded_there(ds):
 
 
 def test_gradient_checkpointing_gives_the_same_lora(pipe, ds):
+    """Same result with and without it (that it really recomputes is tested in test_training_caches.py)."""
     a = finetune_lora(pipe, ds, TrainConfig(**FAST))
     b = finetune_lora(pipe, ds, TrainConfig(**FAST, gradient_checkpointing=True))
     assert not pipe.unet.is_gradient_checkpointing
@@ -243,3 +249,31 @@ def test_sdxl_with_both_text_encoders(tiny_sdxl, ds):
     after = p.text_encoder_2.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert not hasattr(p.unet, "peft_config")
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("rank", 1025, "an integer >= 1, at most 1024"),
+    ("steps", 1_000_001, "at most 1000000"),
+    ("batch_size", 5000, "at most 1024"),
+    ("learning_rate", 2.0, "a finite number > 0, at most 1"),
+    ("alpha", 1e30, "at most 4096"),
+    ("resolution", 8192, "positive multiple of 8, at most 4096"),
+    ("gradient_checkpointing", "yes", "True, False or None"),
+    ("mixed_precision", "half", "('auto', 'no', 'fp16', 'bf16')"),
+])
+def test_train_config_upper_bounds_and_new_fields(field, value, allowed):
+    with pytest.raises(ValueError) as err:
+        TrainConfig(**{field: value})
+    msg = str(err.value)
+    assert msg.startswith(f"TrainConfig.{field} = {value!r} is invalid: must be ") and allowed in msg, msg
+    assert "\n" not in msg
+
+
+def test_train_config_defaults_follow_the_model():
+    cfg = TrainConfig()
+    assert cfg.mixed_precision == "auto" and cfg.gradient_checkpointing is None
+    assert cfg.checkpointing_for(sdxl=True) and not cfg.checkpointing_for(sdxl=False)
+    assert not TrainConfig(gradient_checkpointing=False).checkpointing_for(sdxl=True)
+    assert TrainConfig(gradient_checkpointing=True).checkpointing_for(sdxl=False)
+    assert TrainConfig(steps=1_000_000, rank=1024, resolution=4096).rank == 1024  # the bounds are inclusive
+    assert TrainConfig(**cfg.to_dict()) == cfg  # what run.json stores reads back
