@@ -1,22 +1,30 @@
 """The LoRA training loop: :class:`LoraTrainer` (set up, :meth:`~LoraTrainer.step`, close) and :func:`finetune_lora`.
 
-A step, as in diffusers' ``train_text_to_image_lora.py``: sample latents (cached VAE moments, or a fresh encode of a
-random crop), add DDPM noise at uniform timesteps, look up the caption embeddings (``""`` for dropped captions),
-predict with the UNet under the precision recipe's autocast, MSE against the noise (or the velocity), backward through
-the gradient scaler when the recipe has one, clip, AdamW. What differs from the example and why:
+A step, as in diffusers' ``train_text_to_image_lora.py``: sample latents ``mean + std * eps`` of the VAE's latent
+distribution (cached moments of the center crop, or a fresh encode of a random crop; :mod:`.caches`), map them to the
+UNet's space (``vae.scale_latents``: ``latents_mean``/``latents_std`` when the VAE config has them), add DDPM noise at
+uniform timesteps (optional noise offset), look up the caption embeddings (``""`` for dropped captions), predict with
+the UNet under the precision recipe's autocast (:mod:`.precision`), MSE against the noise (or ``get_velocity`` for
+v-prediction), backward through the gradient scaler when the recipe has one, clip at ``max_grad_norm``, AdamW. SDXL
+gets ``time_ids`` = (original size, crop top-left, target size); a flipped sample reports the mirrored crop offset.
+
+We keep this loop instead of running the example because the example owns its process (``accelerate launch``, its own
+model loading and saving), while here the caller's pipeline is borrowed inside ComfyUI or a chain and must come back
+unchanged, every random draw must be reproducible per sample, and the loss scaling must follow the weights' dtype.
+What differs from the example:
 
 * Every random draw comes from one of four seeded CPU generators (sample order, condition drop, augmentation, noise),
   drawn in a fixed order per micro-batch, so the drop pattern and the samples depend only on ``seed``, ``batch_size``,
-  ``grad_accum`` and the step, never on caching, cropping or the device. :attr:`TrainResult.drop_masks` records it.
-* The pipeline is borrowed, not owned: the adapter is removed in ``close`` whatever happens (success, error,
-  cancel), and everything changed for training is put back: ``requires_grad`` flags, train/eval modes, gradient
-  checkpointing, modules parked on the CPU. Frozen weights that are inference tensors (a pipeline loaded inside
-  ComfyUI's ``torch.inference_mode()``) are replaced in place by ordinary copies with the same values, since autograd
-  cannot save inference tensors.
-* The trained modules are put in train mode while training (as the example does): transformers' text encoders only
-  checkpoint in train mode, and older diffusers UNets only checkpoint in train mode too. SD's UNet and CLIP have no
-  active dropout, so results are the same as in eval mode.
-* Learning rate: linear warm-up then constant (step k uses lr * min(1, (k+1)/warmup_steps)).
+  ``grad_accum`` and the step, never on caching, cropping, the text-encoder setting or the device.
+  :attr:`TrainResult.drop_masks` records it.
+* The pipeline is borrowed (:mod:`.borrow`): the adapter is removed in ``close`` whatever happens (success, error,
+  cancel), and everything changed for training is put back (``requires_grad``, train/eval modes, checkpointing,
+  modules parked on the CPU while a step does not need them).
+* The trained modules are in train mode while training, as in the example: transformers' text encoders only
+  checkpoint in train mode (and diffusers UNets before 0.32 did too). SD's UNet and CLIP have no active dropout, so
+  results equal eval mode's.
+* Text embeddings are cached once per run unless the text encoders train; learning rate: linear warm-up then constant
+  (step k uses lr * min(1, (k+1)/warmup_steps)); gradient accumulation over ``grad_accum`` micro-batches.
 
 Determinism: same seed and inputs give identical LoRA tensors on CPU (tested). On an H100 the fp16/bf16 runs were
 bit-identical run to run, while fp32 runs differed by up to ~1e-4 (non-deterministic CUDA kernels;
