@@ -179,9 +179,7 @@ class Schedule:
         """Per-step scales for ``steps`` denoising steps: step i is at progress i/(steps-1); one step is at 0."""
         check_bound("steps", steps)
         per_step = self.at_iteration(iteration)
-        if steps == 1:
-            return [float(per_step._w(0.0))]
-        return [float(per_step._w(i / (steps - 1))) for i in range(steps)]
+        return [float(per_step._w(i / (steps - 1) if steps > 1 else 0.0)) for i in range(steps)]
 
     def describe(self) -> str:
         """One-line human description."""

@@ -162,6 +162,8 @@ CASES = {
     "chain features missing": (_chain(_sub("[chain]", '[chain]\nfeatures = "inception:/missing-redifine.safetensors"')),
                                "features"),
     "chain device cuda on CPU": (_chain(_sub('source = "toy"', 'source = "toy"\ndevice = "cuda"')), "pipeline.device"),
+    "chain dtype float16 on CPU": (_chain(_sub('source = "toy"', 'source = "toy"\ndevice = "cpu"\ndtype = "float16"')),
+                                   "pipeline.dtype"),
     "chain device nonsense": (_chain(_sub('source = "toy"', 'source = "toy"\ndevice = "warp9"')), "pipeline.device"),
     "chain model missing": (_chain(_sub('source = "toy"', 'source = "/missing-redifine/model.safetensors"')),
                             "pipeline.source"),
@@ -196,6 +198,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys,
 
         if torch.cuda.is_available():
             pytest.skip("this torch has CUDA")
+    if case == "chain dtype float16 on CPU":
+        pytest.importorskip("redifine_core.models").__dict__.get("resolve_dtype") or pytest.skip("no resolve_dtype")
 
     def no_model(*a, **k):
         raise AssertionError("a model was loaded before the bad input was found")
