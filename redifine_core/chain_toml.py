@@ -196,15 +196,28 @@ def check_job(job: ChainJob) -> None:
 
 
 def load_job_dataset(job: ChainJob):
-    """D_0 of a job: the toy set ("toy:N") or a folder of images + .txt captions."""
+    """D_0 of a job: the toy set ("toy:N") or a folder of images + .txt captions.
+
+    Checked before any model loads: at least 2 images (a chain compares sets), and each generated set (images x
+    ``images_per_caption``) within the documented image bound.
+    """
     from .data import CaptionedImages
 
     if job.dataset_source.startswith("toy:"):
         from .toy.dataset import make_toy_dataset
 
-        return make_toy_dataset(toy_count(job.dataset_source))
-    folder = check_input_dir(job.dataset_source, "dataset.source", "a folder of images with .txt captions")
-    return CaptionedImages.from_folder(folder, default_caption=job.default_caption, limit=job.dataset_limit)
+        ds = make_toy_dataset(toy_count(job.dataset_source))
+    else:
+        folder = check_input_dir(job.dataset_source, "dataset.source", "a folder of images with .txt captions")
+        ds = CaptionedImages.from_folder(folder, default_caption=job.default_caption, limit=job.dataset_limit)
+    if len(ds) < 2:
+        raise ValueError(f"dataset.source {job.dataset_source!r} holds {len(ds)} image; a chain needs at least 2")
+    per_set = len(ds) * int(getattr(job.config, "images_per_caption", 1))
+    if not bounds.in_bounds("images", per_set):
+        raise ValueError(f"{len(ds)} dataset images x chain.images_per_caption="
+                         f"{job.config.images_per_caption} = {per_set} images per generated set; it must be "
+                         f"{bounds.BOUNDS['images'].allowed} (lower dataset.limit or images_per_caption)")
+    return ds
 
 
 def load_job_pipeline(job: ChainJob):

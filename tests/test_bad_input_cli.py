@@ -173,6 +173,10 @@ CASES = {
                                     "pipeline.tokenizer_dir"),
     "chain dataset folder missing": (_chain(_sub('"toy:4"', '"nothere"')), "dataset.source"),
     "chain caption latin-1": (_chain(_sub('"toy:4"', '"data"'), setup=_latin1_dataset), "1.txt"),
+    "chain one-image dataset": (_chain(_sub('"toy:4"', '"data"'), setup=lambda t: _latin1_dataset(t) or
+                                       (t / "data" / "1.png").unlink()), "at least 2"),
+    "chain generated set too big": (_chain(lambda t: _sub("[chain]", "[chain]\nimages_per_caption = 10000")(
+                                        _sub('"toy:4"', '"toy:10"')(t))), "images per generated set"),
     "chain out is a file": (_chain(setup=_touch("run")), "--out"),
     "chain out read-only": (lambda t: _chain()(t)[:3] + [f"{READ_ONLY}/redifine-run"], "--out"),
     "chain out not empty": (_chain(setup=_touch("run/x")), "--resume"),
