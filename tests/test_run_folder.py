@@ -121,6 +121,9 @@ def test_a_changed_config_after_a_finished_unit_is_refused_and_overwrite_starts_
         run_chain(PIPE, _dataset(), other, run, resume=True, backend=FakeBackend().backend(), render=False)
     with pytest.raises(FileExistsError, match="overwrite"):
         run_chain(PIPE, _dataset(), other, run, backend=FakeBackend().backend(), render=False)
+    with pytest.raises(ValueError, match=r"config.steps.*overwrite"):  # before any model loads (the CLI's check)
+        check_run_folder(run, resume=True, config=other)
+    check_run_folder(run, resume=True, config=_cfg(iterations=1))
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # refusals touch nothing
     fb = FakeBackend()
     res = run_chain(PIPE, _dataset(), other, run, overwrite=True, backend=fb.backend(), render=False)

@@ -8,10 +8,11 @@ and replaces the stored one while none is; ``overwrite`` clears a previous run's
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import datetime, timezone
-from typing import Union
 from pathlib import Path
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -41,10 +42,21 @@ def versions() -> dict[str, str]:
     return out
 
 
-def check_run_folder(run_dir: Union[str, Path], resume: bool = False, overwrite: bool = False) -> None:
+def _refuse_changes(folder: RunFolder, diff: list[str]) -> None:
+    """A changed config or dataset is refused once any unit is DONE (it would mix two runs in one folder)."""
+    if diff and folder.any_done():
+        raise ValueError(
+            f"cannot resume {str(folder.root)!r}: the given config/dataset differ from the run's in "
+            f"{', '.join(diff)}; resume with the same settings, start a new run folder, or pass overwrite=True "
+            "(CLI: --overwrite) to discard its finished iterations")
+
+
+def check_run_folder(run_dir: Union[str, Path], resume: bool = False, overwrite: bool = False,
+                     config: Optional[Any] = None) -> None:
     """What ``run_chain`` checks about the folder before any work, for callers that load a model first (the CLI).
 
-    Raises ValueError / FileNotFoundError / FileExistsError with one line; never writes.
+    With ``config`` (a ChainConfig) and ``resume``, a config that differs from a run with a finished unit is refused
+    here too. Raises ValueError / FileNotFoundError / FileExistsError with one line; never writes.
     """
     folder = RunFolder(run_dir)
     root = folder.root
@@ -60,7 +72,10 @@ def check_run_folder(run_dir: Union[str, Path], resume: bool = False, overwrite:
         if not folder.exists():
             raise FileNotFoundError(f"nothing to resume: {str(root)!r} holds no chain run (no run.json); check the "
                                     "folder name, or start a new run without resume")
-        folder.read_manifest()
+        manifest = folder.read_manifest()
+        if config is not None:
+            given = json.loads(json.dumps(config.to_dict()))
+            _refuse_changes(folder, [f"config.{d}" for d in config_diff(manifest["config"], given)])
         return
     if non_empty:
         raise FileExistsError(f"run folder {str(root)!r} exists and is not empty; pass resume=True (CLI: --resume) "
@@ -111,11 +126,7 @@ def open_run(folder: RunFolder, fresh: dict, reference: list, resume: bool, over
     manifest = folder.read_manifest()
     diff = _stored_differences(folder, manifest, fresh, reference)
     if diff:
-        if folder.any_done():
-            raise ValueError(
-                f"cannot resume {str(folder.root)!r}: the given config/dataset differ from the run's in "
-                f"{', '.join(diff)}; resume with the same settings, start a new run folder, or pass overwrite=True "
-                "(CLI: --overwrite) to discard its finished iterations")
+        _refuse_changes(folder, diff)
         log.info("restarting %s with the given settings: no iteration had finished (it differed in %s)",
                  folder.root, ", ".join(diff))
         folder.clear()
