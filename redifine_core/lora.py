@@ -11,7 +11,8 @@ CONTRACT (filled in by issue 2):
         target_modules: tuple[str, ...]
         metadata: dict[str, str]                 # ss_* fields
     def save_lora(lora: LoraWeights, path, layout: str = "kohya") -> Path      # atomic; layout "kohya" | "diffusers"
-    def load_lora(path) -> LoraWeights                                          # either layout
+    def load_lora(path, pipeline=None) -> LoraWeights                           # any layout below; checked on pipeline
+    def check_lora_fits(lora, pipeline, source="the LoRA") -> None              # ValueError naming both architectures
     @contextmanager
     def lora_applied(pipeline: Pipeline, lora: LoraWeights | None, scale: float = 1.0)   # inject, yield, remove
 
@@ -25,6 +26,10 @@ Layouts
   text encoders) plus the ``lora_adapter_metadata`` JSON that diffusers' ``load_lora_weights`` reads to rebuild the
   ``LoraConfig`` (so alpha survives). Our own ``ss_*`` metadata is written in both layouts.
 
+Reading also takes the files other tools write (kohya sd-scripts for SD1.x/SD2.x/SDXL, LDM UNet names included;
+diffusers/PEFT in every spelling diffusers has used): :mod:`redifine_core.lora_convert` maps them through diffusers'
+own converters and says where and why it keeps code of its own. Writing stays in the two layouts above.
+
 Text-encoder keys in :class:`LoraWeights` always use the ``text_model.encoder...`` module path (the CLIP naming used
 by every LoRA tool); transformers >= 5.6 ``CLIPTextModel`` drops the ``text_model.`` level, which is resolved when the
 LoRA is injected.
@@ -34,7 +39,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +47,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import torch
 
 from .atomic import PathLike, save_safetensors
+from .lora_convert import check_fits, read_state_dict, unify
 
 LAYOUTS = ("kohya", "diffusers")
 
@@ -102,24 +107,6 @@ class LoraWeights:
 
 
 # ----------------------------------------------------------------------------------------------------------- names
-
-# Compound names in diffusers / CLIP module paths that contain "_" (kohya names replace every "." by "_").
-_COMPOUND = (
-    "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
-    "proj_in", "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "conv_norm_out",
-    "time_embedding", "linear_1", "linear_2", "add_embedding", "text_model", "self_attn", "q_proj", "k_proj",
-    "v_proj", "out_proj", "layer_norm1", "layer_norm2", "final_layer_norm", "token_embedding",
-    "position_embedding", "text_projection", "add_k_proj", "add_v_proj", "add_q_proj", "to_add_out",
-)
-
-
-def _kohya_to_path(name: str) -> str:
-    """Invert the kohya "." -> "_" flattening for diffusers UNet / CLIP module paths."""
-    path = name.replace("_", ".")
-    for comp in sorted(_COMPOUND, key=len, reverse=True):
-        path = re.sub(r"(?<![A-Za-z0-9_])" + re.escape(comp.replace("_", ".")) + r"(?![A-Za-z])", comp, path)
-    return path
-
 
 def _kohya_prefixes(lora: LoraWeights) -> dict[str, str]:
     if lora.text_encoder_2:
@@ -195,23 +182,13 @@ def save_lora(lora: LoraWeights, path: PathLike, layout: str = "kohya") -> Path:
     return path
 
 
-def _uniform_alpha(alphas: dict[str, float], sd_by_module: dict[str, dict[str, torch.Tensor]]) -> tuple[float, int]:
-    """Pick one alpha and rank; fold any per-module difference of alpha/rank into that module's B."""
-    ranks = {m: t["A"].shape[0] for m, t in sd_by_module.items()}
-    rank_values = sorted(set(ranks.values()))
-    if len(rank_values) > 1:
-        raise ValueError(f"LoRA modules have different ranks {rank_values}; only a single rank is supported")
-    rank = rank_values[0]
-    common = max(set(alphas.values()), key=list(alphas.values()).count) if alphas else float(rank)
-    for m, t in sd_by_module.items():
-        a = alphas.get(m, common)
-        if a != common:
-            t["B"] = t["B"] * (a / common)
-    return float(common), int(rank)
+def load_lora(path: PathLike, pipeline: Any = None) -> LoraWeights:
+    """Read a LoRA file in any layout :mod:`redifine_core.lora_convert` knows (ours, kohya sd-scripts with diffusers
+    or LDM UNet names, diffusers/PEFT) to :class:`LoraWeights`.
 
-
-def load_lora(path: PathLike) -> LoraWeights:
-    """Read a LoRA written in kohya or diffusers/peft layout back to :class:`LoraWeights`."""
+    With ``pipeline`` (ours or a diffusers one), LDM block numbers are mapped with its UNet config and the LoRA is
+    checked to fit it (a LoRA for another architecture is one ValueError naming both).
+    """
     from safetensors import safe_open
 
     path = Path(path)
@@ -225,89 +202,36 @@ def load_lora(path: PathLike) -> LoraWeights:
         raise ValueError(f"cannot read LoRA file {str(path)!r} as safetensors: {exc}") from exc
     if not raw:
         raise ValueError(f"LoRA file {str(path)!r} holds no tensors")
-
-    parts: dict[str, dict[str, dict[str, torch.Tensor]]] = {p: {} for p in ("unet",) + _TE_FIELDS}
-    alphas: dict[str, dict[str, float]] = {p: {} for p in parts}
-    unknown: list[str] = []
-    if any(k.startswith("lora_") for k in raw):
-        kohya_parts = (("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
-                       ("lora_te_", "text_encoder"))
-        for key, t in raw.items():
-            name, _, suffix = key.partition(".")
-            part = next(((p, n) for p, n in kohya_parts if name.startswith(p)), None)
-            if part is None or suffix not in ("lora_down.weight", "lora_up.weight", "alpha"):
-                unknown.append(key)
-                continue
-            module = _kohya_to_path(name[len(part[0]):])
-            if suffix == "alpha":
-                alphas[part[1]][module] = float(t.float().item())
-            else:
-                parts[part[1]].setdefault(module, {})["A" if suffix == "lora_down.weight" else "B"] = t
-        file_alpha = None
-    else:
-        adapter_md = json.loads(metadata.get("lora_adapter_metadata", "{}") or "{}")
-        for key, t in raw.items():
-            prefix, _, rest = key.partition(".")
-            if prefix not in parts:
-                prefix, rest = "unet", key  # bare peft keys: a UNet LoRA
-            m = re.fullmatch(r"(.+?)\.(lora_A|lora_B|lora\.down|lora\.up)(?:\.default)?\.weight", rest)
-            if m is None:
-                unknown.append(key)
-                continue
-            kind = "A" if m.group(2) in ("lora_A", "lora.down") else "B"
-            parts[prefix].setdefault(m.group(1), {})[kind] = t
-        file_alpha = None
-        for prefix in parts:
-            if f"{prefix}.lora_alpha" in adapter_md:
-                a = float(adapter_md[f"{prefix}.lora_alpha"])
-                alphas[prefix] = {m: a for m in parts[prefix]}
-        if not any(alphas.values()) and "ss_network_alpha" in metadata:
-            file_alpha = float(metadata["ss_network_alpha"])
-    if unknown:
-        raise ValueError(
-            f"LoRA file {str(path)!r} has {len(unknown)} keys in no known layout (kohya lora_down/lora_up/alpha or "
-            f"peft lora_A/lora_B), e.g. {unknown[:3]}"
-        )
-    for part, mods in parts.items():
-        for m, t in mods.items():
-            if set(t) != {"A", "B"}:
-                raise ValueError(f"LoRA file {str(path)!r}: module {part}.{m} lacks its {'B' if 'A' in t else 'A'} matrix")
-
-    all_mods = {f"{p}:{m}": t for p, mods in parts.items() for m, t in mods.items()}
-    all_alphas = {f"{p}:{m}": a for p, al in alphas.items() for m, a in al.items()}
-    if not all_alphas:
-        # no alpha anywhere: kohya/ComfyUI convention is factor 1 (alpha = rank); ss_network_alpha if given
-        rank0 = next(iter(all_mods.values()))["A"].shape[0]
-        a0 = file_alpha if file_alpha is not None else float(rank0)
-        all_alphas = {k: a0 for k in all_mods}
-    else:
-        # a module without its own alpha in a kohya file is applied at factor 1 by ComfyUI: alpha = its rank
-        for k, t in all_mods.items():
-            all_alphas.setdefault(k, float(t["A"].shape[0]))
-    alpha, rank = _uniform_alpha(all_alphas, all_mods)
-
-    out: dict[str, dict[str, torch.Tensor]] = {p: {} for p in parts}
-    for k, t in all_mods.items():
-        p, m = k.split(":", 1)
-        if p != "unet" and not m.startswith(TE_CANONICAL_PREFIX):
-            m = TE_CANONICAL_PREFIX + m
-        out[p][f"{m}.lora_A.weight"] = t["A"].contiguous()
-        out[p][f"{m}.lora_B.weight"] = t["B"].contiguous()
+    source = f"LoRA file {str(path)!r}"
+    tensors, rank, alpha = unify(read_state_dict(raw, metadata, source, pipeline))
+    for part in _TE_FIELDS:  # canonical text-encoder paths start at text_model. (text_projection sits above it)
+        tensors[part] = {k if k.startswith((TE_CANONICAL_PREFIX, "text_projection.")) else TE_CANONICAL_PREFIX + k: v
+                         for k, v in tensors[part].items()}
     md = {k: v for k, v in metadata.items() if k not in ("lora_adapter_metadata", "format")}
-    if "redifine_target_modules" in md:
-        try:
-            targets = tuple(json.loads(md["redifine_target_modules"]))
-        except ValueError:
-            targets = ()
-    else:
+    try:
+        targets = tuple(json.loads(md.pop("redifine_target_modules", "[]")))
+    except ValueError:
         targets = ()
     if not targets:
-        targets = _infer_targets([k.rsplit(".lora_", 1)[0] for p in out for k in out[p]])
-    md.pop("redifine_target_modules", None)
-    return LoraWeights(
-        unet=out["unet"], text_encoder=out["text_encoder"], text_encoder_2=out["text_encoder_2"],
+        targets = _infer_targets([k.rsplit(".lora_", 1)[0] for p in tensors for k in tensors[p]])
+    lora = LoraWeights(
+        unet=tensors["unet"], text_encoder=tensors["text_encoder"], text_encoder_2=tensors["text_encoder_2"],
         rank=rank, alpha=alpha, target_modules=targets, metadata=md,
     )
+    if pipeline is not None:
+        check_lora_fits(lora, pipeline, source)
+    return lora
+
+
+def check_lora_fits(lora: LoraWeights, pipeline: Any, source: str = "the LoRA") -> None:
+    """Raise one ValueError (naming the LoRA's and the pipeline's architectures) unless every module of ``lora``
+    exists in ``pipeline`` with the LoRA's shapes."""
+
+    def to_model_path(part: str, model: torch.nn.Module, key: str) -> str:
+        return key if part == "unet" else te_from_canonical(key, model)
+
+    parts = {p: getattr(lora, p) for p in ("unet",) + _TE_FIELDS}
+    check_fits(parts, lora.metadata, pipeline, source, to_model_path)
 
 
 # ------------------------------------------------------------------------------------------------- inject / remove
@@ -403,10 +327,8 @@ def lora_applied(pipeline: Any, lora: Optional[LoraWeights], scale: float = 1.0)
     if lora is None or scale == 0:
         yield pipeline
         return
+    check_lora_fits(lora, pipeline)
     encoders = _text_encoders(pipeline)
-    for part in _TE_FIELDS:
-        if getattr(lora, part) and encoders[part] is None:
-            raise ValueError(f"the LoRA has {part} weights but the pipeline has no {part}")
     touched: list[torch.nn.Module] = []
     try:
         targets = [(pipeline.unet, lora.unet, "unet", lambda k: k)]

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from redifine_core.data import CaptionedImages
-from redifine_core.lora import LoraWeights, _kohya_to_path, load_lora, lora_applied, save_lora
+from redifine_core.lora import LoraWeights, load_lora, lora_applied, save_lora
 from redifine_core.models import Pipeline
 from redifine_core.training import LoraTrainer, TrainConfig
 
@@ -156,13 +156,38 @@ def test_lora_applied_removes_adapter_on_error(pipe, trained):
     assert torch.equal(_unet_out(pipe), base_unet) and not hasattr(pipe.unet, "peft_config")
 
 
-def test_kohya_names_invert_for_every_unet_and_clip_module(pipe, tiny_sdxl):
-    names = [n for n, m in pipe.unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-    names += [n for n, m in tiny_sdxl.unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-    names += ["text_model." + n for n, m in pipe.text_encoder.named_modules() if isinstance(m, torch.nn.Linear)]
-    assert len(names) > 100
-    bad = [n for n in names if _kohya_to_path(n.replace(".", "_")) != n]
-    assert not bad, bad[:5]
+@pytest.mark.parametrize("model", ["sd", "sdxl"])
+def test_kohya_names_read_back_for_every_unet_and_clip_module(pipe, tiny_sdxl, tmp_path, model):
+    """Every Linear/Conv2d of the UNet and the text encoders, written in our kohya layout, reads back to its own
+    module path (through diffusers' converter), with its tensors untouched."""
+    p = pipe if model == "sd" else Pipeline.from_diffusers(tiny_sdxl)
+    g = torch.Generator().manual_seed(1)
+
+    def lora_for(m):
+        a_shape = (2, m.in_features) if isinstance(m, torch.nn.Linear) else (2, m.in_channels, *m.kernel_size)
+        b_shape = (m.out_features, 2) if isinstance(m, torch.nn.Linear) else (m.out_channels, 2, 1, 1)
+        return torch.randn(a_shape, generator=g), torch.randn(b_shape, generator=g)
+
+    parts = {}
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        model_ = getattr(p, part, None)
+        if model_ is None:
+            continue
+        prefix = "" if part == "unet" or hasattr(model_, "text_model") else "text_model."
+        sd = {}
+        for n, m in model_.named_modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                a, b = lora_for(m)
+                sd[f"{prefix}{n}.lora_A.weight"], sd[f"{prefix}{n}.lora_B.weight"] = a, b
+        parts[part] = sd
+    lora = LoraWeights(rank=2, alpha=3.0, **parts)
+    assert lora.num_modules() > (140 if model == "sdxl" else 90)
+    back = load_lora(save_lora(lora, tmp_path / "all.safetensors"), pipeline=p)
+    for part, sd in parts.items():
+        got = getattr(back, part)
+        assert got.keys() == sd.keys(), sorted(set(sd) ^ set(got))[:5]
+        assert all(torch.equal(got[k], v) for k, v in sd.items())
+    assert back.rank == 2 and back.alpha == 3.0
 
 
 def test_foreign_kohya_files_alpha_conventions(pipe, tmp_path):
