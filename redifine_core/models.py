@@ -47,6 +47,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .single_file import CONFIG_ROOT, PACKAGE_DIR, checkpoint_shapes, detect_architecture, load_single_file
+from .vae import vae_dtype
 
 PathLike = Union[str, os.PathLike]
 
@@ -187,17 +188,14 @@ class Pipeline:
         return [m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2) if m is not None]
 
     def to(self, device: Any = None, dtype: Optional[torch.dtype] = None) -> "Pipeline":
-        """Move (and cast) every module in place; returns self. A VAE with ``force_upcast`` stays float32 under fp16."""
-        device = torch.device(device) if device is not None else self.device
-        dtype = dtype if dtype is not None else self.dtype
-        vae_dtype = dtype
-        if dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
-            vae_dtype = torch.float32
-        for module, want in ((self.unet, dtype), (self.text_encoder, dtype), (self.text_encoder_2, dtype),
-                             (self.vae, vae_dtype)):
+        """Move (and cast) every module in place; returns self. The VAE goes to :func:`vae.vae_dtype` (float32 for a
+        ``force_upcast`` VAE under fp16, kept so permanently: decoding then costs no per-call cast)."""
+        self.device = torch.device(device) if device is not None else self.device
+        self.dtype = dtype if dtype is not None else self.dtype
+        for module, want in ((self.unet, self.dtype), (self.text_encoder, self.dtype),
+                             (self.text_encoder_2, self.dtype), (self.vae, vae_dtype(self))):
             if module is not None:
-                _move(module, device, want)
-        self.device, self.dtype = device, dtype
+                _move(module, self.device, want)
         return self
 
     @classmethod

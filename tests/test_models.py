@@ -352,3 +352,80 @@ def test_bundled_toy_model_loads_and_samples():
     assert pipe.tokenizer.model_max_length == pipe.text_encoder.config.max_position_embeddings
     images = generate(pipe, "a red circle on a blue background", 5.0, steps=2, seeds=0)
     assert tuple(images.shape) == (1, 32, 32, 3) and 0.0 <= float(images.min()) <= float(images.max()) <= 1.0
+
+
+# ------------------------------------------------------------------------------------------- precision and devices
+
+
+def _fake_cuda(monkeypatch, count: int = 1, bf16: bool = True) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+
+
+def test_resolve_dtype_auto_is_fp16_on_cuda_and_fp32_elsewhere(monkeypatch):
+    assert models.resolve_dtype("auto", "cpu") == torch.float32
+    assert models.resolve_dtype(None, "cpu") == torch.float32
+    assert models.resolve_dtype("bf16", "cpu") == torch.bfloat16
+    assert models.resolve_dtype(" FP32 ", "cpu") == torch.float32
+    assert models.resolve_dtype(torch.bfloat16, "cpu") == torch.bfloat16
+    _fake_cuda(monkeypatch)
+    assert models.resolve_dtype("auto", "cuda") == torch.float16
+    assert models.resolve_dtype("auto", "cuda:0") == torch.float16
+    assert models.resolve_dtype("bf16", "cuda") == torch.bfloat16
+    assert models.resolve_dtype(None, None) == torch.float16  # default device is the GPU here
+
+
+def test_resolve_dtype_refuses_what_the_device_cannot_run(monkeypatch):
+    with pytest.raises(ValueError, match=r"precision='fp16' on device 'cpu'.*3000x slower.*'bf16' or 'fp32'"):
+        models.resolve_dtype("fp16", "cpu")
+    with pytest.raises(ValueError, match="3000x"):
+        models.resolve_dtype(torch.float16, "cpu")
+    for bad in ("fp8", "half-ish", torch.int8, torch.float8_e4m3fn, 16):
+        with pytest.raises(ValueError, match=r"precision=.*is not one of \('auto', 'fp32', 'fp16', 'bf16'\)"):
+            models.resolve_dtype(bad, "cpu")
+    _fake_cuda(monkeypatch, bf16=False)
+    with pytest.raises(ValueError, match=r"precision='bf16' on device 'cuda'.*no bf16 support.*'fp16'"):
+        models.resolve_dtype("bf16", "cuda")
+    assert models.resolve_dtype("fp16", "cuda") == torch.float16
+
+
+def test_resolve_device_says_what_to_do(monkeypatch):
+    assert models.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"device='gpu0' is not a device; expected 'auto', 'cpu', 'cuda'"):
+        models.resolve_device("gpu0")
+    _fake_cuda(monkeypatch, count=0)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(ValueError, match=r"device='cuda' but this torch was built without CUDA; use device='cpu'"):
+        models.resolve_device("cuda")
+    assert models.resolve_device(None) == torch.device("cpu") and models.resolve_device("auto") == torch.device("cpu")
+    _fake_cuda(monkeypatch, count=2)
+    assert models.resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match=r"device='cuda:3' but 2 CUDA device\(s\) are visible; use cuda:0 to cuda:1"):
+        models.resolve_device("cuda:3")
+    with pytest.raises(ValueError, match="device='xpu'"):
+        monkeypatch.setattr(torch, "xpu", None, raising=False)
+        models.resolve_device("xpu")
+
+
+def test_load_pipeline_checks_device_and_precision_before_reading(sd1_file, monkeypatch):
+    path, config = sd1_file
+    read = []
+    monkeypatch.setattr(models, "load_single_file", lambda *a, **k: read.append(a))
+    with pytest.raises(ValueError, match="3000x"):
+        load_pipeline(path, device="cpu", dtype="fp16", config_dir=config)
+    with pytest.raises(ValueError, match="device='cuda'"):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        load_pipeline(path, device="cuda", config_dir=config)
+    with pytest.raises(ValueError, match="device='cuda'"):
+        load_pipeline(path / "missing.safetensors", device="cuda")  # before the file is even looked for
+    assert read == []
+
+
+def test_single_file_in_bf16_by_name(tiny_sd, sd1_file):
+    path, config = sd1_file
+    pipe = load_pipeline(path, device="cpu", dtype="bf16", config_dir=config)
+    assert pipe.dtype == torch.bfloat16 and pipe.device == torch.device("cpu")
+    assert {p.dtype for m in pipe.modules() for p in m.parameters()} == {torch.bfloat16}
+    ref = tiny_sd.unet.state_dict()
+    assert all(torch.equal(v, ref[k].bfloat16()) for k, v in pipe.unet.state_dict().items())
