@@ -52,6 +52,19 @@ def resolve_source(choice: str) -> tuple[str, Any]:
     raise ValueError(f"model={choice!r} is not one of: {TOY!r}, 'checkpoints/<file>', 'diffusers/<folder>'")
 
 
+def precision_error(precision: str):
+    """Why ``precision`` cannot run on ComfyUI's device (fp16 on a CPU, bf16 on an old GPU), or None."""
+    try:
+        from redifine_core.models import resolve_dtype
+    except ImportError:
+        return None
+    try:
+        resolve_dtype(precision, _comfy.torch_device())
+    except ValueError as e:
+        return f"precision: {str(e).splitlines()[0]}"
+    return None
+
+
 def _dtype(precision: str):
     import torch
 
@@ -86,7 +99,7 @@ class ReDiFineLoadPipeline:
             return f"model={model!r} is not one of: {TOY!r}, 'checkpoints/<file>', 'diffusers/<folder>'"
         if model != TOY and model not in model_choices():
             return f"model={model!r} was not found; put the file in ComfyUI's models/checkpoints or models/diffusers"
-        return True
+        return precision_error(precision) or True
 
     def __init__(self):
         self._cache: tuple[Any, Any] | None = None
@@ -96,6 +109,9 @@ class ReDiFineLoadPipeline:
 
         from redifine_core.models import load_pipeline
 
+        err = precision_error(precision)
+        if err:
+            raise ValueError(err)
         source, tok = resolve_source(model)
         mtime = os.path.getmtime(source) if os.path.exists(source) else None
         key = (source, precision, mtime)

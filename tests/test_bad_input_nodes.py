@@ -169,3 +169,16 @@ def test_native_bridge_hands_comfy_the_tokenizer_without_a_folder(tmp_path, monk
     assert got == tok and got is not tok
     assert native_mod._PipelineTokenizer.tokenizer is None  # bound per pipeline, not shared
     assert not hasattr(native_mod, "_tokenizer_dir") and list(tmp_path.iterdir()) == []
+
+
+def test_load_pipeline_refuses_a_precision_the_device_cannot_run(monkeypatch):
+    import torch
+
+    models = pytest.importorskip("redifine_core.models")
+    if not hasattr(models, "resolve_dtype"):
+        pytest.skip("models.resolve_dtype not available")
+    monkeypatch.setattr(comfy_mod, "torch_device", lambda: torch.device("cpu"))
+    v = NODES["ReDiFineLoadPipeline"].VALIDATE_INPUTS
+    assert v(model="toy (bundled)", precision="fp32") is True
+    msg = v(model="toy (bundled)", precision="fp16")
+    assert isinstance(msg, str) and msg.startswith("precision: ") and "\n" not in msg
