@@ -58,8 +58,11 @@ def precision_error(precision: str):
         from redifine_core.models import resolve_dtype
     except ImportError:
         return None
+    device = _comfy.torch_device()
+    if device is not None and getattr(device, "type", None) not in ("cpu", "cuda", "mps"):
+        return None  # e.g. DirectML: the loader decides
     try:
-        resolve_dtype(precision, _comfy.torch_device())
+        resolve_dtype(precision, device)
     except ValueError as e:
         return f"precision: {str(e).splitlines()[0]}"
     return None
