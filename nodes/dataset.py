@@ -90,7 +90,8 @@ class ReDiFineDataset:
             if source == "toy":
                 from redifine_core.toy.dataset import make_toy_dataset
 
-                ds = make_toy_dataset(int(toy_count), seed=int(toy_seed))
+                with comfy_cancellation():
+                    ds = make_toy_dataset(int(toy_count), seed=int(toy_seed), cancel=ComfyCancel())
             elif source == "folder":
                 path = path_inside(_comfy.input_directory(), folder)
                 with comfy_cancellation():  # Cancel stops between two images of a large folder

@@ -182,3 +182,17 @@ def test_load_pipeline_refuses_a_precision_the_device_cannot_run(monkeypatch):
     assert v(model="toy (bundled)", precision="fp32") is True
     msg = v(model="toy (bundled)", precision="fp16")
     assert isinstance(msg, str) and msg.startswith("precision: ") and "\n" not in msg
+
+
+def test_dataset_node_stops_drawing_the_toy_set_on_cancel(monkeypatch):
+    """The largest toy set takes seconds: Cancel stops it between two images (as ComfyUI's interrupt)."""
+    calls = []
+
+    def interrupted():
+        calls.append(1)
+        return len(calls) > 3
+
+    monkeypatch.setattr(comfy_mod, "processing_interrupted", interrupted)
+    with pytest.raises(comfy_mod.interrupt_exception_type()):
+        NODES["ReDiFineDataset"]().build(**{**OK["ReDiFineDataset"], "toy_count": bounds.BOUNDS["images"].hi})
+    assert len(calls) == 4

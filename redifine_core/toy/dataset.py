@@ -12,12 +12,13 @@ Everything follows from ``seed``: the same ``(n, seed, size)`` gives the same im
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from ..bounds import check as check_bound
+from ..progress import CancelFlag, check_cancel
 
 if TYPE_CHECKING:  # pragma: no cover
     from redifine_core.data import CaptionedImages
@@ -133,9 +134,11 @@ def render(attrs: ToyAttributes, size: int = DEFAULT_SIZE, grain: float = DEFAUL
     return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
 
 
-def generate(n: int, seed: int = 0, size: int = DEFAULT_SIZE,
-             grain: float = DEFAULT_GRAIN) -> tuple[np.ndarray, list[str], list[ToyAttributes]]:
-    """``n`` toy images as uint8 [n, size, size, 3], their captions and attributes, all determined by ``seed``."""
+def generate(n: int, seed: int = 0, size: int = DEFAULT_SIZE, grain: float = DEFAULT_GRAIN,
+             cancel: Optional[CancelFlag] = None) -> tuple[np.ndarray, list[str], list[ToyAttributes]]:
+    """``n`` toy images as uint8 [n, size, size, 3], their captions and attributes, all determined by ``seed``.
+
+    ``cancel`` is checked before each image (``progress.Cancelled``)."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n={n!r} must be a positive integer")
     seed = check_bound("seed", seed, "seed")
@@ -150,6 +153,7 @@ def generate(n: int, seed: int = 0, size: int = DEFAULT_SIZE,
     images = np.empty((n, size, size, 3), dtype=np.uint8)
     attrs: list[ToyAttributes] = []
     for i in range(n):
+        check_cancel(cancel)
         a = sample_attributes(rng, size)
         images[i] = render(a, size, grain, rng)
         attrs.append(a)
@@ -163,10 +167,11 @@ def balanced_captions(n: int, seed: int = 0) -> list[str]:
     return [caption_for(*combos[order[i % len(combos)]]) for i in range(n)]
 
 
-def make_toy_dataset(n: int, seed: int = 0, size: int = DEFAULT_SIZE, grain: float = DEFAULT_GRAIN) -> "CaptionedImages":
+def make_toy_dataset(n: int, seed: int = 0, size: int = DEFAULT_SIZE, grain: float = DEFAULT_GRAIN,
+                     cancel: Optional[CancelFlag] = None) -> "CaptionedImages":
     """The toy set as :class:`redifine_core.data.CaptionedImages` (D0 of a toy chain)."""
     from redifine_core.data import CaptionedImages
 
     n = check_bound("images", n, "toy image count")  # a user-facing set: the documented bound (generate has none)
-    images, captions, _ = generate(n, seed, size, grain)
+    images, captions, _ = generate(n, seed, size, grain, cancel)
     return CaptionedImages.from_images([Image.fromarray(im) for im in images], captions)
