@@ -359,3 +359,35 @@ def write_tokenizer(folder: PathLike, words: Optional[Iterable[str]] = None) -> 
     from .toy.word_tokenizer import write_word_tokenizer
 
     return write_word_tokenizer(list(words) if words is not None else TINY_WORDS, folder, max_length=77)
+
+
+def random_pipeline(kind: str, device: Any = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
+                    tokenizer_dir: Optional[PathLike] = None, config_dir: Optional[PathLike] = None) -> Any:
+    """A :class:`~redifine_core.models.Pipeline` of ``kind`` with random weights, built in memory on ``device``.
+
+    The scheduler is the bundled config's; the tokenizers are :func:`write_tokenizer`'s vocabulary (written to a temp
+    folder unless ``tokenizer_dir`` holds one). Same modules as loading :func:`write_single_file`'s file, without the
+    file: what a GPU benchmark needs in seconds.
+    """
+    import tempfile
+
+    import diffusers
+    from transformers import CLIPTokenizer
+
+    from .models import Pipeline
+
+    folder = _config_dir(kind, config_dir)
+    index = json.loads((folder / "model_index.json").read_text())
+    sched_cls = getattr(diffusers, index["scheduler"][1])
+    scheduler = sched_cls.from_config(json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
+    if tokenizer_dir is None:
+        tokenizer_dir = write_tokenizer(tempfile.mkdtemp(prefix="redifine_random_tok_"))
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True, model_max_length=77)
+    comps = build_components(kind, device, dtype, seed, config_dir)
+    pipe = Pipeline(
+        unet=comps["unet"], vae=comps["vae"], text_encoder=comps["text_encoder"], tokenizer=tokenizer,
+        scheduler=scheduler, kind=kind, source=f"random:{kind}:{seed}", text_encoder_2=comps.get("text_encoder_2"),
+        tokenizer_2=tokenizer if kind == "sdxl" else None, device=torch.device(device), dtype=dtype,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)) and kind == "sdxl",
+    )
+    return pipe.to(device, dtype)
