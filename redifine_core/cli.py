@@ -160,7 +160,7 @@ def cmd_chain(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--out {args.out!r} does not exist: there is nothing to resume; check the folder "
                                 "name, or drop --resume to start a new run")
     try:
-        check_run_folder(out, resume=args.resume, overwrite=args.overwrite)
+        check_run_folder(out, resume=args.resume, overwrite=args.overwrite, config=job.config)
     except FileExistsError:
         raise UsageError(f"run folder {args.out!r} exists and is not empty; add --resume to continue it, "
                          "--overwrite to start it again, or choose another --out") from None

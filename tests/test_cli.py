@@ -272,3 +272,19 @@ kind = "redifine"
     assert len(mtimes) == 8 + 4  # 2 iterations x 4 images + the 4 reference images
     assert cli.main(["chain", str(toml), "--out", str(run), "--resume", "--quiet"]) == 0
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    # a changed config is refused before the model loads; --overwrite starts again; a report of it renders
+    capsys.readouterr()
+    toml.write_text(toml.read_text().replace("iterations = 2", "iterations = 3"))
+    loaded = []
+    real = cli.load_job_pipeline
+    cli.load_job_pipeline = lambda job: loaded.append(1) or real(job)
+    try:
+        assert cli.main(["chain", str(toml), "--out", str(run), "--resume", "--quiet"]) == 2
+        assert "iterations" in _one_line_error(capsys.readouterr().err) and not loaded
+        assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+        toml.write_text(toml.read_text().replace("iterations = 3", "iterations = 1"))
+        assert cli.main(["chain", str(toml), "--out", str(run), "--overwrite", "--quiet"]) == 0 and loaded
+    finally:
+        cli.load_job_pipeline = real
+    assert len(list(run.glob("*/seed_0/iter_*/DONE"))) == 1
+    assert json.loads((run / "run.json").read_text())["config"]["iterations"] == 1
