@@ -42,21 +42,13 @@ def _check_schedule(field_name: str, spec: str) -> None:
 
 def _check_features(spec: Any) -> None:
     """The FID/KID feature spec names something usable, checked without loading any weights."""
-    from .. import metrics
+    from ..metrics import check_features
 
-    check = getattr(metrics, "check_features", None)
-    if check is not None:
-        try:
-            check(spec)
-        except (ValueError, FileNotFoundError, OSError) as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(msg if "features" in msg else f"features={spec!r}: {msg}") from None
-        return
-    if not isinstance(spec, str) or not (
-        spec in ("auto", "handcrafted", "handcrafted-v1") or spec.startswith("inception:") or spec.endswith(".safetensors")
-    ):
-        raise ValueError(f"features={spec!r} is not allowed; use 'auto', 'handcrafted', "
-                         "'inception:<file.safetensors>' or a path to a local Inception .safetensors file")
+    try:
+        check_features(spec)
+    except (ValueError, OSError) as e:  # FileNotFoundError too: a config error is a ValueError here
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(msg if "features" in msg else f"features={spec!r}: {msg}") from None
 
 
 @dataclass(frozen=True)
