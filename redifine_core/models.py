@@ -280,7 +280,7 @@ def load_pipeline(
                 f"the toy model weights are missing ({TOY_MODEL_DIR / 'model_index.json'} does not exist); "
                 "build them with `python -m redifine_core.toy.train`"
             )
-        pipe = _load_diffusers_folder(TOY_MODEL_DIR, kind="toy", source="toy")
+        pipe = _load_diffusers_folder(TOY_MODEL_DIR, kind="toy", source="toy", dtype=dtype)
     else:
         path = Path(source).expanduser()
         if not path.exists():
@@ -294,7 +294,7 @@ def load_pipeline(
                     f"{path} is a folder without model_index.json; expected a diffusers pipeline folder "
                     "(StableDiffusionPipeline or StableDiffusionXLPipeline)"
                 )
-            pipe = _load_diffusers_folder(path, kind=None, source=str(path))
+            pipe = _load_diffusers_folder(path, kind=None, source=str(path), dtype=dtype)
         else:
             pipe = load_single_file(path, dtype, device, tokenizer_dir, config_dir, prediction_type)
     if prediction_type is not None and pipe.prediction_type != prediction_type:
@@ -315,16 +315,31 @@ def _rebuild_scheduler(scheduler: Any, prediction_type: Optional[str] = None) ->
 # ------------------------------------------------------------------------------------------------ diffusers folder
 
 
-def _load_diffusers_folder(folder: Path, kind: Optional[str], source: str) -> Pipeline:
-    """A diffusers folder through ``from_pretrained(local_files_only=True, use_safetensors=True)``."""
+def _load_diffusers_folder(folder: Path, kind: Optional[str], source: str, dtype: torch.dtype) -> Pipeline:
+    """A diffusers folder through ``from_pretrained(local_files_only=True, use_safetensors=True)``.
+
+    Components load straight into ``dtype`` (a ``force_upcast`` VAE into float32 under fp16), so host memory never
+    holds a float32 copy of half-precision weights.
+    """
+    import diffusers
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from packaging.version import Version
 
     try:
         index = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError) as exc:
         raise ValueError(f"{folder / 'model_index.json'} is not readable JSON: {exc}") from exc
     class_name = index.get("_class_name")
-    kwargs: dict[str, Any] = dict(local_files_only=True, use_safetensors=True)  # cast later by Pipeline.to
+    upcast = False
+    if dtype == torch.float16 and (folder / "vae" / "config.json").is_file():
+        try:
+            upcast = bool(json.loads((folder / "vae" / "config.json").read_text()).get("force_upcast", False))
+        except (OSError, ValueError):
+            pass  # from_pretrained reports the broken config
+    dtypes = {"default": dtype, "vae": torch.float32 if upcast else dtype}
+    # diffusers renamed torch_dtype to dtype (0.42 warns on the old name; 0.35 only knows it)
+    dtype_kwarg = "dtype" if Version(diffusers.__version__) >= Version("0.42.0") else "torch_dtype"
+    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True, dtype_kwarg: dtypes}
     if class_name == "StableDiffusionPipeline":
         cls = StableDiffusionPipeline
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -429,3 +429,13 @@ def test_single_file_in_bf16_by_name(tiny_sd, sd1_file):
     assert {p.dtype for m in pipe.modules() for p in m.parameters()} == {torch.bfloat16}
     ref = tiny_sd.unet.state_dict()
     assert all(torch.equal(v, ref[k].bfloat16()) for k, v in pipe.unet.state_dict().items())
+
+
+def test_diffusers_folder_loads_straight_into_the_dtype(tiny_sd, tiny_sd_dir):
+    pipe = load_pipeline(tiny_sd_dir, device="cpu", dtype="bf16")
+    assert {p.dtype for m in pipe.modules() for p in m.parameters()} == {torch.bfloat16}
+    half = models._load_diffusers_folder(Path(tiny_sd_dir), None, "", torch.float16)  # fp16 is for GPUs; no compute
+    assert half.unet.dtype == torch.float16 and half.text_encoder.dtype == torch.float16
+    ref = tiny_sd.vae.state_dict()
+    # the force_upcast VAE is read in float32, not rounded through fp16 and upcast
+    assert half.vae.dtype == torch.float32 and all(torch.equal(v, ref[k]) for k, v in half.vae.state_dict().items())
