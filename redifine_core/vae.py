@@ -4,8 +4,9 @@ Every VAE use in the core goes through here, so three things hold everywhere:
 
 - **Precision.** The VAE computes in :func:`vae_dtype`: float32 when its config sets ``force_upcast`` and the pipeline
   is float16 (the SDXL VAE overflows to NaN/inf in fp16; diffusers' pipelines upcast for the same reason), otherwise
-  the pipeline's dtype. ``Pipeline.to`` already keeps such a VAE in float32 permanently; if a VAE is found in another
-  dtype (a pipeline wrapped from outside), it is cast once, in place, so no call pays a per-call weight copy.
+  the pipeline's dtype. ``Pipeline.to`` puts the VAE in that dtype, so an upcast VAE stays float32 permanently and no
+  call pays a per-call weight copy. Encode and decode compute in the VAE's own dtype; an fp16 VAE found where float32
+  is required (a pipeline wrapped from outside) is upcast once, in place.
 - **Scaling.** :func:`scale_latents` maps the VAE's raw latent space to the UNet's (``latents_mean``/``latents_std``
   when the config has both, else ``shift_factor`` and ``scaling_factor``, as diffusers' pipelines do) and
   :func:`unscale_latents` is its exact inverse.
@@ -37,11 +38,14 @@ def vae_dtype(pipeline: Any) -> torch.dtype:
 
 
 def _ready_vae(pipeline: Any) -> Any:
-    """The pipeline's VAE in :func:`vae_dtype` (cast once, in place, if it is not)."""
+    """The pipeline's VAE, upcast once, in place, if it is float16 where :func:`vae_dtype` asks for float32.
+
+    A VAE in any other dtype is used as it is (inputs are cast to it): a VAE someone keeps in float32 under a bf16
+    pipeline is never rounded down behind their back.
+    """
     vae = pipeline.vae
-    want = vae_dtype(pipeline)
-    if vae.dtype != want:
-        vae.to(dtype=want)
+    if vae.dtype == torch.float16 and vae_dtype(pipeline) == torch.float32:
+        vae.to(dtype=torch.float32)
     return vae
 
 

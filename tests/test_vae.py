@@ -143,3 +143,12 @@ def test_encode_moments_batches_and_matches_the_vae(tiny_sd):
     assert seen == [2, 2, 1]
     with pytest.raises(ValueError, match=r"pixels has shape \(5, 16, 16\)"):
         encode_moments(pipe, pixels[:, 0])
+
+
+def test_a_float32_vae_in_a_bf16_pipeline_is_not_rounded_down(tiny_sd):
+    pipe = _own_vae(tiny_sd, dtype=torch.bfloat16)
+    assert vae_dtype(pipe) == torch.bfloat16
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    images = decode(pipe, latents.bfloat16())
+    assert pipe.vae.dtype == torch.float32 and images.dtype == torch.float32
+    torch.testing.assert_close(images, decode(_own_vae(tiny_sd), latents.bfloat16().float()), atol=0, rtol=0)
