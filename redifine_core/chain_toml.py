@@ -171,8 +171,9 @@ def check_job(job: ChainJob) -> None:
             raise FileNotFoundError(f"pipeline.source {str(src)!r} does not exist; expected 'toy', a diffusers "
                                     "folder or a single-file .safetensors checkpoint")
         if src.is_dir():
-            check_input_file(src / "model_index.json", "pipeline.source: a diffusers folder's file",
-                             "a diffusers folder (holding model_index.json)")
+            if not (src / "model_index.json").is_file():
+                raise FileNotFoundError(f"pipeline.source {str(src)!r} is a folder without model_index.json; expected "
+                                        "a diffusers model folder or a single-file .safetensors checkpoint")
         elif src.suffix.lower() != ".safetensors":
             raise ValueError(f"pipeline.source {str(src)!r} is not a .safetensors checkpoint (only safetensors "
                              "files are read, never pickles) nor a diffusers folder")

@@ -167,6 +167,8 @@ CASES = {
     "chain device nonsense": (_chain(_sub('source = "toy"', 'source = "toy"\ndevice = "warp9"')), "pipeline.device"),
     "chain model missing": (_chain(_sub('source = "toy"', 'source = "/missing-redifine/model.safetensors"')),
                             "pipeline.source"),
+    "chain model folder not diffusers": (_chain(_sub('source = "toy"', 'source = "m"'), setup=_mkdir("m")),
+                                         "model_index.json"),
     "chain model a pickle": (_chain(_sub('source = "toy"', 'source = "m.ckpt"'), setup=_touch("m.ckpt")),
                              "pipeline.source"),
     "chain tokenizer_dir missing": (_chain(_sub('source = "toy"', 'source = "toy"\ntokenizer_dir = "nothere"')),
