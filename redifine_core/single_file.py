@@ -75,6 +75,8 @@ class SafetensorsFile:
 
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path} does not exist or is not a file; expected a .safetensors checkpoint")
         size = self.path.stat().st_size
         try:
             with open(self.path, "rb") as fh:

@@ -152,3 +152,10 @@ def test_reading_holds_only_the_cast_copy(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     growth = float(res.stdout.strip().splitlines()[-1])
     assert 0.9 < growth < 1.1  # a mapped file would add its 128 MB of pages: 1.5
+
+
+def test_missing_file_is_one_clear_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.safetensors does not exist or is not a file"):
+        checkpoint_shapes(tmp_path / "nope.safetensors")
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        SafetensorsFile(tmp_path)
