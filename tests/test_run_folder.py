@@ -179,14 +179,21 @@ def test_generation_streams_in_batches_and_uses_generate_batches_when_there(tmp_
     assert pngs(tmp_path / "a") == pngs(tmp_path / "b")
 
 
-def test_generation_out_of_order_is_an_error(tmp_path):
+def test_generation_out_of_order_is_an_error_and_the_stream_is_closed_at_once(tmp_path):
+    closed = []
+
     def generate_batches(pipeline, prompts, schedule, steps=20, seeds=0, **kw):
-        yield [1], np.zeros((1, 16, 16, 3), np.float32)
+        try:
+            yield [1], np.zeros((1, 16, 16, 3), np.float32)
+            yield [0], np.zeros((1, 16, 16, 3), np.float32)
+        finally:
+            closed.append(True)  # where sampling removes the LoRA from the pipeline
 
     b = FakeBackend().backend()
     b.generate_batches = generate_batches
-    with pytest.raises(RuntimeError, match="in order"):
+    with pytest.raises(RuntimeError, match="in order") as e:
         run_chain(PIPE, _dataset(), _cfg(iterations=1), tmp_path / "r", backend=b, render=False)
+    assert closed == [True] and e.value.__traceback__ is not None  # closed while the error is still alive
 
 
 # ---------------------------------------------------------------------------------------------------- config

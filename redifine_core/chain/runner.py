@@ -23,6 +23,7 @@ Our choices, documented:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -340,8 +341,10 @@ def _batches(run: _Run, unit: Unit, prompts: list[str], seeds: list[int], lora: 
               height=height, batch_size=b, lora=lora, lora_scale=config.lora_scale, iteration=unit.iteration,
               progress=run.nested(unit), cancel=run.cancel)
     if run.backend.generate_batches is not None:
-        for idx, images in run.backend.generate_batches(run.pipeline, prompts, unit.method.guidance, seeds=seeds, **kw):
-            yield list(idx), images
+        stream = run.backend.generate_batches(run.pipeline, prompts, unit.method.guidance, seeds=seeds, **kw)
+        with contextlib.closing(stream):  # closing it removes the LoRA at once, also on error or cancel
+            for idx, images in stream:
+                yield list(idx), images
         return
     for start in range(0, len(prompts), b):
         idx = list(range(start, min(start + b, len(prompts))))
@@ -361,16 +364,17 @@ def _generate(run: _Run, unit: Unit, lora: Any) -> Any:
     run.stage(unit, "sampling")
     summary = run.backend.new_summary(features=run.features)
     written = 0
-    for idx, images in _batches(run, unit, prompts, seeds, lora):
-        u8 = _to_uint8(images)
-        del images
-        if u8.shape[0] != len(idx) or (idx and idx[0] != written):
-            raise RuntimeError(f"generation returned images {idx[:1]}.. ({u8.shape[0]} images) after {written}; "
-                               f"expected them in order, {len(names)} in all")
-        for j, arr in zip(idx, u8):
-            save_png(folder.images_dir(m, S, i) / names[j], Image.fromarray(arr))
-        summary.add(u8, cancel=run.cancel)
-        written += len(idx)
+    with contextlib.closing(_batches(run, unit, prompts, seeds, lora)) as batches:
+        for idx, images in batches:
+            u8 = _to_uint8(images)
+            del images
+            if u8.shape[0] != len(idx) or (idx and idx[0] != written):
+                raise RuntimeError(f"generation returned images {idx[:1]}.. ({u8.shape[0]} images) after {written}; "
+                                   f"expected them in order, {len(names)} in all")
+            for j, arr in zip(idx, u8):
+                save_png(folder.images_dir(m, S, i) / names[j], Image.fromarray(arr))
+            summary.add(u8, cancel=run.cancel)
+            written += len(idx)
     if written != len(names):
         raise RuntimeError(f"generation returned {written} images, expected {len(names)}")
     write_json(folder.captions_json(m, S, i), prompts)
