@@ -112,15 +112,18 @@ class ReDiFineTrainLoRA:
         import torch
 
         from redifine_core.lora import save_lora
-        from redifine_core.training import TrainConfig, finetune_lora
-
+        from redifine_core.paths import check_output_dir
         from redifine_core.report import plot_losses
+        from redifine_core.training import TrainConfig, finetune_lora
 
         from .common import pils_to_tensor
 
         run_checks(self.VALIDATE_INPUTS(lora_name, cond_drop, rank, alpha, learning_rate, steps, batch_size,
                                         resolution, precision, seed))
         path = lora_path(lora_name)  # checked before any work
+        check_output_dir(os.path.dirname(path), "ComfyUI's loras folder")  # writable: found now, not after training
+        if os.path.isdir(path):
+            raise ValueError(f"lora_name={lora_name!r}: {path!r} is a folder; choose another name")
         state = file_state(path)
         config = TrainConfig(steps=int(steps), learning_rate=float(learning_rate), rank=int(rank), alpha=float(alpha),
                              cond_drop=float(cond_drop), batch_size=int(batch_size),

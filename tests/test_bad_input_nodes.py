@@ -196,3 +196,21 @@ def test_dataset_node_stops_drawing_the_toy_set_on_cancel(monkeypatch):
     with pytest.raises(comfy_mod.interrupt_exception_type()):
         NODES["ReDiFineDataset"]().build(**{**OK["ReDiFineDataset"], "toy_count": bounds.BOUNDS["images"].hi})
     assert len(calls) == 4
+
+
+def test_train_refuses_an_unwritable_loras_folder_before_training(tmp_path, monkeypatch):
+    from redifine_core import paths
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    monkeypatch.setattr(comfy_mod, "folder_dirs", lambda name: [str(loras)] if name == "loras" else [])
+    monkeypatch.setattr(paths, "is_writable_dir", lambda p: False)  # root ignores chmod
+    trained = []
+    train_mod = sys.modules[PACK.__name__ + ".nodes.train"]
+    monkeypatch.setitem(sys.modules, "redifine_core.training", types.SimpleNamespace(
+        TrainConfig=lambda **k: trained.append(k), finetune_lora=lambda *a, **k: trained.append(a)))
+    with pytest.raises(PermissionError, match="loras folder") as e:
+        NODES["ReDiFineTrainLoRA"]().train(pipeline=None, dataset=None, gradient_checkpointing=False,
+                                           **OK["ReDiFineTrainLoRA"])
+    assert "\n" not in str(e.value) and not trained and list(loras.iterdir()) == []
+    assert train_mod.lora_path("my_lora").startswith(str(loras.resolve()))
