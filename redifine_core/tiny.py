@@ -34,9 +34,9 @@ def _tokenizer(max_length: int = 77):
 
     from .toy.word_tokenizer import write_word_tokenizer
 
-    folder = Path(tempfile.mkdtemp(prefix="redifine_tiny_tok_"))
-    write_word_tokenizer(TINY_WORDS, folder, max_length=max_length)
-    return CLIPTokenizer.from_pretrained(folder)
+    with tempfile.TemporaryDirectory(prefix="redifine_tiny_tok_") as folder:  # the tokenizer keeps no file open
+        write_word_tokenizer(TINY_WORDS, folder, max_length=max_length)
+        return CLIPTokenizer.from_pretrained(folder)
 
 
 def _text_encoder(tokenizer, hidden: int = 32, projection: bool = False, projection_dim: int = 32, seed: int = 0):
