@@ -11,11 +11,11 @@ Layouts read (:func:`read_state_dict` turns a file's tensors into ``{part: {modu
   ``diffusers.utils.convert_unet_state_dict_to_peft`` / ``convert_state_dict_to_peft``, exactly the chain
   ``load_lora_weights`` runs.
 * diffusers / PEFT: ``unet.<path>.lora_A.weight`` (``text_encoder.`` / ``text_encoder_2.``), the older
-  ``…processor.to_q_lora.down.weight`` / ``…lora.down.weight`` / ``…lora_linear_layer.down.weight`` keys, bare peft
-  keys (``base_model.model.`` stripped), with the ``lora_adapter_metadata`` diffusers writes for alpha.
+  ``…processor.to_q_lora.down.weight`` / ``…lora.down.weight`` / ``…lora_linear_layer.down.weight`` keys,
+  bare peft keys (``base_model.model.`` stripped), with the ``lora_adapter_metadata`` diffusers writes for alpha.
 
-Own code kept here, and why (each reason is pinned by a test in tests/test_lora_thirdparty.py that fails once
-diffusers no longer needs the workaround):
+Own code kept here, and why (the diffusers behaviours behind the first three are pinned by tests in
+tests/test_lora_thirdparty.py that fail once diffusers changes them, so the workaround can go):
 
 * two renames before diffusers' converter (:func:`_kohya_renames`). Measured on diffusers 0.42: it turns
   ``lora_unet_add_embedding_linear_1`` (diffusers names, SDXL) into ``add.embedding.linear`` (its SDXL index strip), and
@@ -23,8 +23,10 @@ diffusers no longer needs the workaround):
   ``attentions``. We rename them to the LDM spellings it does map (``label_emb_0_0``, ``output_blocks_N_2_conv``).
 * alpha per module is read from the file's own ``.alpha`` next to each ``lora_down`` (paired by tensor identity through
   the conversion), not from diffusers' ``network_alphas``: its names for attention modules
-  (``…processor.to_q_lora.down.weight.alpha``) match no module, so where alphas differ per module ``load_lora_weights``
-  applies the most common alpha to those modules.
+  (``…processor.to_q_lora.down.weight.alpha``) match no module, so where alphas differ per module
+  ``load_lora_weights`` applies the most common alpha to those modules.
+* the text-encoder state-dict types are passed to diffusers' converters (:func:`_te_to_peft`): their own guess
+  raises on a file whose text LoRA has no ``out_proj``.
 * one rank and one alpha (:func:`unify`): :class:`~redifine_core.lora.LoraWeights` is the training contract (one
   rank, one alpha). Modules of lower rank (e.g. sd-scripts' ``conv_dim`` LoCon, resized LoRAs) are zero-padded and a
   module's own alpha/rank is folded into its B; every ``(alpha/rank) * B @ A`` is unchanged.
@@ -139,7 +141,8 @@ def _kohya_parts(raw: Mapping[str, torch.Tensor], source: str, unet_config: Any,
         _collect(parts[part], sub, part, source, alpha_of)
     got = {owner[id(m.A)] for mods in parts.values() for m in mods.values()}
     if got != names:
-        raise ValueError(f"{source}: diffusers left {len(names - got)} modules unmapped, e.g. {sorted(names - got)[:3]}")
+        lost = sorted(names - got)
+        raise ValueError(f"{source}: diffusers left {len(lost)} modules unmapped, e.g. {lost[:3]}")
     return parts
 
 
@@ -268,7 +271,8 @@ def pipeline_architecture(pipeline: Any) -> str:
     if kind in ARCH_NAMES:
         return kind
     config = pipeline.unet.config
-    if getattr(pipeline, "text_encoder_2", None) is not None or getattr(config, "addition_embed_type", None) == "text_time":
+    second = getattr(pipeline, "text_encoder_2", None) is not None
+    if second or getattr(config, "addition_embed_type", "") == "text_time":
         return "sdxl"
     return "sd2" if getattr(config, "cross_attention_dim", None) == 1024 else "sd1"
 

@@ -171,13 +171,15 @@ def test_sd_scripts_file_matches_diffusers(sd, sdxl, tmp_path, case):
 
 
 def test_sdxl_ldm_locon_module_deltas_are_alpha_over_rank(sdxl, tmp_path):
-    """Each module adds (alpha/rank) B A x with its own rank and alpha (3/4 for linear, 1/2 for 3x3 conv): checked
-    module by module against the formula, independent of diffusers."""
+    """Each module adds (alpha/rank) B A x with its own rank and alpha (3/4 for linear, 1/2 for 3x3 conv, 5/4 for the
+    to_q layers: a minority alpha on attention, which diffusers' load_lora_weights drops, see the pin below): checked
+    module by module against the formula."""
     lora = random_lora(sd_scripts_modules(sdxl), seed=7)
+    lora = {k: (A, B, 5.0 if k[1].endswith(".to_q") else a, m) for k, (A, B, a, m) in lora.items()}
     path = write_kohya(tmp_path / "xl.safetensors", sdxl, lora, True, "sdxl_base_v1-0")
     loaded = load_lora(path, pipeline=sdxl)
     g = torch.Generator().manual_seed(1)
-    checked = {"linear": 0, "conv3x3": 0}
+    checked = {"linear": 0, "conv3x3": 0, "to_q": 0}
     with lora_applied(sdxl, loaded):
         for (part, mod), (A, B, alpha, m) in lora.items():
             if part != "unet":
@@ -189,8 +191,10 @@ def test_sdxl_ldm_locon_module_deltas_are_alpha_over_rank(sdxl, tmp_path):
                 got = wrapped(x) - wrapped.base_layer(x)
                 want = module_delta(m, x, A, B, alpha / A.shape[0])
             assert (got - want).abs().max() <= 1e-5 * max(1.0, float(want.abs().max())), mod
-            checked["conv3x3" if A.dim() == 4 and A.shape[-1] == 3 else "linear"] += 1
-    assert checked["linear"] > 20 and checked["conv3x3"] > 5, checked
+            kind = "to_q" if mod.endswith(".to_q") else "conv3x3" if A.dim() == 4 and A.shape[-1] == 3 else "linear"
+            checked[kind] += 1
+    assert checked["linear"] > 20 and checked["conv3x3"] > 5 and checked["to_q"] > 3, checked
+    assert (loaded.rank, loaded.alpha) == (RANK, ALPHA)
 
 
 def test_sd1_ldm_locon_reads_like_its_diffusers_named_twin(sd, tmp_path):
@@ -304,7 +308,8 @@ def test_bare_peft_keys(sd, tmp_path):
 
 
 def test_lora_for_another_architecture_names_both(sd, sdxl, tmp_path):
-    xl = write_kohya(tmp_path / "xl.safetensors", sdxl, random_lora(sd_scripts_modules(sdxl), 1), True, "sdxl_base_v1-0")
+    xl_lora = random_lora(sd_scripts_modules(sdxl), 1)
+    xl = write_kohya(tmp_path / "xl.safetensors", sdxl, xl_lora, True, "sdxl_base_v1-0")
     with pytest.raises(ValueError, match=r"xl\.safetensors' is a LoRA for SDXL but the pipeline is SD1\.x"):
         load_lora(xl, pipeline=sd)
     with pytest.raises(ValueError, match=r"is a LoRA for SDXL but the pipeline is SD1\.x"):
@@ -320,7 +325,8 @@ def test_lora_for_another_architecture_names_both(sd, sdxl, tmp_path):
 
 
 @pytest.mark.parametrize("tag,keys", [
-    ("LoHa", ["lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a", "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_b"]),
+    ("LoHa", ["lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a",
+              "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_b"]),
     ("DoRA", ["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight",
               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight",
               "lora_unet_down_blocks_0_attentions_0_proj_in.dora_scale"]),
