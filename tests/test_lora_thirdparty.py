@@ -6,6 +6,8 @@ behaviours that redifine_core.lora_convert works around (each pin fails once dif
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +15,7 @@ from safetensors.torch import save_file
 from sd_single_file import unet_to_original
 
 from redifine_core.lora import check_lora_fits, load_lora, lora_applied
-from redifine_core.models import Pipeline
+from redifine_core.models import CONFIG_ROOT, Pipeline
 
 RANK, ALPHA = 4, 3.0  # network_dim / network_alpha (alpha != rank)
 CONV_RANK, CONV_ALPHA = 2, 1.0  # conv_dim / conv_alpha of a LoCon
@@ -79,13 +81,16 @@ def random_lora(modules, seed: int = 0):
 
 
 def ldm_names(unet) -> dict[str, str]:
-    """diffusers UNet module path -> original LDM module path (through the single-file key converter)."""
-    by_ptr = {v.data_ptr(): k for k, v in unet_to_original(unet).items()}
-    return {n: by_ptr[m.weight.data_ptr()][len("model.diffusion_model."):-len(".weight")]
+    """diffusers UNet module path -> original LDM module path (through the single-file key converter, fed the
+    parameter names as values so that it also works on a meta-device UNet)."""
+    fake = SimpleNamespace(state_dict=lambda: {k: k for k in unet.state_dict()}, config=unet.config,
+                           up_blocks=unet.up_blocks)
+    by_name = {v: k for k, v in unet_to_original(fake).items()}
+    return {n: by_name[f"{n}.weight"][len("model.diffusion_model."):-len(".weight")]
             for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
 
 
-def write_kohya(path, p, lora, ldm: bool, base_model: str):
+def write_kohya(path, p, lora, ldm: bool, base_model: str, dtype: torch.dtype = torch.float32):
     """An sd-scripts file: lora_unet_<name> (LDM names for SDXL), lora_te_ (SD1) / lora_te1_ + lora_te2_ (SDXL)."""
     names = ldm_names(p.unet) if ldm else {}
     te_prefix = {"text_encoder": "lora_te1_" if p.text_encoder_2 is not None else "lora_te_",
@@ -93,7 +98,7 @@ def write_kohya(path, p, lora, ldm: bool, base_model: str):
     tensors = {}
     for (part, mod), (A, B, alpha, _) in lora.items():
         name = ("lora_unet_" + names.get(mod, mod) if part == "unet" else te_prefix[part] + mod).replace(".", "_")
-        tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = A, B
+        tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = A.to(dtype), B.to(dtype)
         tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float16)
     save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(RANK),
                                             "ss_network_alpha": str(ALPHA), "ss_base_model_version": base_model})
@@ -156,12 +161,14 @@ def module_delta(m, x, A, B, scale):
 # -------------------------------------------------------------------------------------------------------- kohya files
 
 
-@pytest.mark.parametrize("case", ["sd1_diffusers_names_locon", "sd1_ldm_names", "sdxl_ldm_names_locon"])
+@pytest.mark.parametrize("case", ["sd1_diffusers_names_locon", "sd1_ldm_names", "sdxl_ldm_names_locon",
+                                  "sdxl_ldm_names_locon_fp16"])
 def test_sd_scripts_file_matches_diffusers(sd, sdxl, tmp_path, case):
     p = sdxl if case.startswith("sdxl") else sd
     ldm = "ldm" in case
     lora = random_lora(sd_scripts_modules(p, conv="locon" in case), seed=len(case))
-    path = write_kohya(tmp_path / f"{case}.safetensors", p, lora, ldm, "sdxl_base_v1-0" if p is sdxl else "sd_v1")
+    path = write_kohya(tmp_path / f"{case}.safetensors", p, lora, ldm, "sdxl_base_v1-0" if p is sdxl else "sd_v1",
+                       torch.float16 if "fp16" in case else torch.float32)  # sd-scripts saves fp16 by default
     # diffusers maps LDM block numbers only where it is given the UNet config (its SDXL loader passes it itself)
     kwargs = {"unet_config": p.unet.config} if ldm and p is sd else {}
     loaded = assert_matches_diffusers(p, path, **kwargs)
@@ -302,6 +309,70 @@ def test_bare_peft_keys(sd, tmp_path):
     loaded = load_lora(tmp_path / "peft.safetensors", pipeline=sd)
     assert loaded.unet.keys() == state.keys() and all(torch.equal(loaded.unet[k], v) for k, v in state.items())
     assert loaded.alpha == loaded.rank == RANK
+
+
+# ------------------------------------------------------------------------------------------ real-size module layouts
+
+
+def meta_pipeline(kind: str) -> SimpleNamespace:
+    """The real SD1.5 / SDXL UNet and text encoders from the bundled configs, on the meta device (no memory)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    root = CONFIG_ROOT / kind
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / "unet"))
+        te = CLIPTextModel(CLIPTextConfig.from_pretrained(root / "text_encoder"))
+        te2 = (CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(root / "text_encoder_2"))
+               if (root / "text_encoder_2").is_dir() else None)
+    return SimpleNamespace(unet=unet, text_encoder=te, text_encoder_2=te2, kind=kind)
+
+
+def rank1_lora(modules):
+    """Rank-1 tensors of the real shapes (a few MB for a whole SDXL)."""
+    out = {}
+    for part, path, m in modules:
+        if isinstance(m, torch.nn.Linear):
+            A, B = torch.ones(1, m.in_features), torch.ones(m.out_features, 1)
+        else:
+            A, B = torch.ones(1, m.in_channels, *m.kernel_size), torch.ones(m.out_channels, 1, 1, 1)
+        out[(part, path)] = (A, B, 1.0, m)
+    return out
+
+
+@pytest.fixture(scope="module")
+def real_files(tmp_path_factory):
+    """sd-scripts files for the real SD1.5 (diffusers names) and SDXL (LDM names), LoCon, every module it picks."""
+    folder = tmp_path_factory.mktemp("real")
+    out = {}
+    for kind, ldm, tag in (("sd1", False, "sd_v1"), ("sdxl", True, "sdxl_base_v1-0")):
+        p = meta_pipeline(kind)
+        lora = rank1_lora(sd_scripts_modules(p))
+        out[kind] = (p, lora, write_kohya(folder / f"{kind}.safetensors", p, lora, ldm, tag))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_real_size_sd_scripts_files_map_every_module_without_a_pipeline(real_files, kind):
+    """Read with no pipeline (LDM block numbers at layers_per_block 2, as every released UNet): every module lands
+    on the real model's module of that name and shape."""
+    p, lora, path = real_files[kind]
+    loaded = load_lora(path)
+    check_lora_fits(loaded, p)
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        want = {mod for q, mod in lora if q == part}
+        assert {k.rsplit(".lora_", 1)[0] for k in getattr(loaded, part)} == want, part
+    # sd-scripts reports 192 (SD1.5) / 722 (SDXL) UNet and 72 / 264 text-encoder modules; conv_dim adds 86 / 66
+    te = (len(loaded.text_encoder) + len(loaded.text_encoder_2)) // 2
+    assert (len(loaded.unet) // 2, te) == ((192 + 86, 72) if kind == "sd1" else (722 + 66, 264))
+
+
+def test_real_size_files_on_the_other_architecture(real_files):
+    sd1, sdxl = real_files["sd1"][0], real_files["sdxl"][0]
+    with pytest.raises(ValueError, match=r"sdxl\.safetensors' is a LoRA for SDXL but the pipeline is SD1\.x"):
+        load_lora(real_files["sdxl"][2], pipeline=sd1)
+    with pytest.raises(ValueError, match=r"sd1\.safetensors' is a LoRA for SD1\.x but the pipeline is SDXL"):
+        load_lora(real_files["sd1"][2], pipeline=sdxl)
 
 
 # --------------------------------------------------------------------------------------------------- wrong files
