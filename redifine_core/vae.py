@@ -16,7 +16,9 @@ Every VAE use in the core goes through here, so three things hold everywhere:
   tile size (``vae.config.sample_size``: 512 for SD1.x, 768 for SD2.x, 1024 for SDXL, i.e. its native resolution)
   are tiled with diffusers' public AutoencoderKL tiling (``enable_tiling``), which bounds memory by the tile size. At
   or below the native resolution nothing is tiled, so outputs there are exactly the untiled VAE's (tiles blend at
-  their seams and change pixels slightly; diffusers' pipelines do not tile by default either).
+  their seams and change pixels slightly; diffusers' pipelines do not tile by default either). Measured on CPU with
+  the full-size SD1.5 VAE in float32, 8 latents decoded to 256 px: RSS grows 1.76 GB for the whole batch in one call,
+  0.87 GB at 4 images per call, 0.38 GB at 1; activation memory grows with the pixels per call.
 """
 
 from __future__ import annotations
