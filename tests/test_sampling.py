@@ -295,3 +295,13 @@ def test_generate_batches_checks_arguments_on_call_and_runs_lazily(sd):
         idx, _ = next(batches)
         assert idx == [0] and len(calls.sizes) == 2
         batches.close()
+
+
+def test_generate_batches_removes_the_lora_when_closed_early(sd):
+    args = dict(prompts=PROMPTS, schedule=3.0, steps=2, seeds=[4, 5, 6], width=16, height=16, batch_size=1)
+    base = generate(sd, **args)
+    batches = generate_batches(sd, **args, lora=_random_lora(sd.unet), lora_scale=1.0)
+    _, first = next(batches)
+    assert (first - base[:1]).abs().max() > 1e-3  # applied while streaming
+    batches.close()
+    torch.testing.assert_close(generate(sd, **args), base, atol=0, rtol=0)
