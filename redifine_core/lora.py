@@ -320,7 +320,8 @@ def lora_applied(pipeline: Any, lora: Optional[LoraWeights], scale: float = 1.0)
     """Inject ``lora`` into the pipeline's UNet (and text encoders) at ``scale``, yield the pipeline, then remove it.
 
     The pipeline's modules are exactly as before afterwards (same module objects, no peft layers), also on error.
-    ``lora=None`` or ``scale == 0`` yields the pipeline unchanged.
+    ``lora=None`` or ``scale == 0`` yields the pipeline unchanged. A LoRA that does not fit the pipeline (another
+    architecture) is one ValueError naming both, before anything is injected.
     """
     if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
