@@ -9,7 +9,7 @@ from .chain import ReDiFineChain
 from .dataset import ReDiFineDataset
 from .generate import ReDiFineGenerate
 from .metrics import ReDiFineCollapseMetrics
-from .native import ReDiFinePipelineToNative
+from .native import ReDiFinePipelineFromNative, ReDiFinePipelineToNative
 from .pipeline import ReDiFineLoadPipeline
 from .plot_schedule import ReDiFinePlotSchedule
 from .train import ReDiFineTrainLoRA
@@ -24,6 +24,7 @@ NODE_CLASS_MAPPINGS = {
     "ReDiFineChain": ReDiFineChain,
     "ReDiFineCollapseMetrics": ReDiFineCollapseMetrics,
     "ReDiFinePipelineToNative": ReDiFinePipelineToNative,
+    "ReDiFinePipelineFromNative": ReDiFinePipelineFromNative,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -36,6 +37,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ReDiFineChain": "Chain of Diffusion",
     "ReDiFineCollapseMetrics": "ReDiFine Collapse Metrics",
     "ReDiFinePipelineToNative": "ReDiFine Pipeline to MODEL/CLIP/VAE",
+    "ReDiFinePipelineFromNative": "ReDiFine Pipeline from MODEL/CLIP/VAE (shared weights)",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

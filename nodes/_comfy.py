@@ -139,3 +139,98 @@ def loras_directory() -> str:
     if not dirs:
         raise RuntimeError("ComfyUI's folder_paths has no 'loras' folder; is this running inside ComfyUI?")
     return dirs[0]
+
+
+# --- memory: ComfyUI's model management (public functions of comfy.model_management only) ---
+
+
+def offload_device():
+    """Where ComfyUI parks models between uses (``unet_offload_device()``), or None outside ComfyUI."""
+    try:
+        import comfy.model_management as mm
+    except Exception:
+        return None
+    return mm.unet_offload_device()
+
+
+def free_memory(required_bytes: int, device: Any, evict: tuple = ()) -> None:
+    """Ask ComfyUI to unload its own models until ``required_bytes`` are free on ``device`` (no-op outside ComfyUI).
+
+    ``evict``: torch modules whose ComfyUI models must be unloaded whatever the free memory (the native models a
+    shared-weights pipeline borrows its tensors from, so ComfyUI's bookkeeping never says "on the GPU" for weights we
+    move). ``current_loaded_models`` is read only to build ``free_memory``'s own ``keep_loaded`` argument.
+    """
+    try:
+        import comfy.model_management as mm
+    except Exception:
+        return
+    if evict:
+        roots = [id(m) for m in evict]
+        keep = [lm for lm in list(mm.current_loaded_models) if id(getattr(lm.model, "model", None)) not in roots]
+        mm.free_memory(1e30, device, keep_loaded=keep)
+    mm.free_memory(int(required_bytes), device)
+
+
+def empty_cache() -> None:
+    """``soft_empty_cache()``: give cached accelerator memory back (no-op on CPU and outside ComfyUI)."""
+    try:
+        import comfy.model_management as mm
+    except Exception:
+        return
+    mm.soft_empty_cache()
+
+
+def minimum_inference_memory() -> int:
+    """ComfyUI's reserve for activations (bytes), or 1 GiB outside ComfyUI."""
+    try:
+        import comfy.model_management as mm
+    except Exception:
+        return 1 << 30
+    return int(mm.minimum_inference_memory())
+
+
+# --- native MODEL / CLIP / VAE objects (attributes of ComfyUI 0.3.x's ModelPatcher, CLIP and VAE) ---
+
+
+def native_modules(model: Any, clip: Any, vae: Any) -> tuple:
+    """The torch modules behind a MODEL, CLIP and VAE (what ComfyUI's model management loads and unloads)."""
+    return (model.model, clip.patcher.model, vae.patcher.model)
+
+
+def native_sd1_tensors(model: Any, clip: Any, vae: Any) -> tuple[dict, str]:
+    """The weights of a stock loader's SD1.x MODEL, CLIP and VAE as one original-layout state dict (the tensors
+    themselves, not copies) and the prediction type; ValueError (one line) where sharing them is unsafe:
+
+    - weight patches on the MODEL or CLIP (LoraLoader and friends): a loaded patched model has its weights replaced;
+    - a MODEL loaded partially (lowvram): some weights live elsewhere or are cast on the fly;
+    - weights stored in another dtype than they compute in (manual cast, fp8);
+    - a model type other than epsilon or v prediction, or a CLIP that is not SD1.x's single clip_l.
+
+    ComfyUI is first asked to unload these models (they go to their offload device, unpatched).
+    """
+    for what, patcher in (("MODEL", model), ("CLIP", getattr(clip, "patcher", None))):
+        if getattr(patcher, "patches", None):
+            raise ValueError(f"the {what} has weight patches (e.g. from LoraLoader); connect the loader's own "
+                             f"{what} (before any LoRA) to share its weights")
+    base = model.model
+    device = torch_device()
+    if device is not None:
+        free_memory(0, device, evict=native_modules(model, clip, vae))
+    if getattr(base, "model_lowvram", False):
+        raise ValueError("the MODEL is partially loaded (lowvram); its weights cannot be shared")
+    if getattr(base, "manual_cast_dtype", None) is not None:
+        raise ValueError(f"the MODEL stores its weights in {getattr(base, 'get_dtype', lambda: '?')()} and computes in "
+                         f"{base.manual_cast_dtype}; sharing needs weights stored in the dtype they compute in")
+    model_type = getattr(getattr(base, "model_type", None), "name", None)
+    prediction = {"EPS": "epsilon", "V_PREDICTION": "v_prediction"}.get(model_type)
+    if prediction is None:
+        raise ValueError(f"the MODEL's type is {model_type}; sharing supports epsilon and v-prediction models")
+    clip_sd = clip.cond_stage_model.state_dict()
+    others = sorted({k.split(".", 1)[0] for k in clip_sd if not k.startswith("clip_l.")})
+    if others:
+        raise ValueError(f"the CLIP holds {others} besides clip_l: not an SD1.x model; sharing supports SD1.x only")
+    tensors = {"model.diffusion_model." + k: v for k, v in base.diffusion_model.state_dict().items()}
+    tensors.update({"cond_stage_model." + k[len("clip_l."):]: v for k, v in clip_sd.items()
+                    if k.startswith("clip_l.transformer.")})
+    tensors.update({"first_stage_model." + k: v for k, v in vae.first_stage_model.state_dict().items()})
+    return tensors, prediction

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .common import (CATEGORY, ComfyCancel, ProgressAdapter, bound_error, comfy_cancellation, first_error, lines,
                      run_checks, schedule_error, widget)
+from .gpu import KEEP_LOADED_TOOLTIP, on_device
 
 FALLBACK_SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "pndm")
 
@@ -50,6 +51,7 @@ class ReDiFineGenerate:
             },
             "optional": {
                 "lora": ("REDIFINE_LORA", {"tooltip": "Optional LoRA (from ReDiFine Train LoRA)."}),
+                "keep_loaded": ("BOOLEAN", {"default": False, "tooltip": KEEP_LOADED_TOOLTIP}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -69,11 +71,11 @@ class ReDiFineGenerate:
         )
 
     def generate(self, pipeline, prompts, schedule, steps, sampler, seed, width, height, negative_prompt,
-                 lora_scale, lora=None, unique_id=None):
+                 lora_scale, lora=None, unique_id=None, keep_loaded=False):
         from redifine_core.sampling import generate
 
         run_checks(self.VALIDATE_INPUTS(prompts, schedule, steps, width, height, seed, lora_scale))
-        with comfy_cancellation():
+        with comfy_cancellation(), on_device(pipeline, bool(keep_loaded)):
             images = generate(pipeline, lines(prompts), schedule, steps=int(steps), seeds=int(seed),
                               negative_prompt=negative_prompt or "", sampler=sampler, width=int(width) or None,
                               height=int(height) or None, lora=lora, lora_scale=float(lora_scale),

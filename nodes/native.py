@@ -246,3 +246,69 @@ class ReDiFinePipelineToNative:
                              "CheckpointLoaderSimple instead")
         with torch.inference_mode(False):
             return (_native_model(pipeline), _native_clip(pipeline), _native_vae(pipeline))
+
+
+NO_FALLBACK = "none (refuse)"
+
+
+class ReDiFinePipelineFromNative:
+    DESCRIPTION = ("Builds a ReDiFine pipeline from the stock Load Checkpoint's MODEL, CLIP and VAE without loading "
+                   "the file again: the pipeline uses the very same weight memory (SD1.x models). Connect the "
+                   "loader's own outputs, before any LoRA. Where sharing is unsafe (a LoRA-patched MODEL, a "
+                   "partially loaded or fp8 model, SD2/SDXL) it refuses with the reason, or loads the 'fallback' "
+                   "checkpoint instead.")
+    CATEGORY = CATEGORY
+    FUNCTION = "build"
+    RETURN_TYPES = ("REDIFINE_PIPELINE", "STRING")
+    RETURN_NAMES = ("pipeline", "how")
+    OUTPUT_TOOLTIPS = ("The model for ReDiFine's training, generation and chain nodes.",
+                       "'shared ...' when it uses the loader's weight memory, or why it loaded the fallback file.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from .pipeline import model_choices
+
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The MODEL output of Load Checkpoint (CheckpointLoaderSimple)."}),
+            "clip": ("CLIP", {"tooltip": "The CLIP output of the same Load Checkpoint."}),
+            "vae": ("VAE", {"tooltip": "The VAE output of the same Load Checkpoint."}),
+            "fallback": ([NO_FALLBACK] + model_choices(), {"default": NO_FALLBACK, "tooltip":
+                         "What to load when the weights cannot be shared: usually the same checkpoint the loader "
+                         "reads. 'none (refuse)' stops with the reason instead."}),
+        }}
+
+    def __init__(self):
+        from .pipeline import ReDiFineLoadPipeline
+
+        self._loader = ReDiFineLoadPipeline()  # the fallback's cache, released like Load Pipeline's
+
+    def build(self, model, clip, vae, fallback=NO_FALLBACK):
+        import torch
+
+        from redifine_core.share_weights import pipeline_from_original
+
+        from . import _comfy
+        from .gpu import mark_shared
+
+        try:
+            tensors, prediction = _comfy.native_sd1_tensors(model, clip, vae)
+            device = _comfy.torch_device()
+            if getattr(device, "type", None) == "cpu" and any(t.dtype == torch.float16 for t in tensors.values()):
+                raise ValueError("some weights are float16, which a CPU runs about 3000x slower than bf16 (ComfyUI "
+                                 "stores the text encoder in fp16 on a CPU: start it with --fp32-text-enc or "
+                                 "--bf16-text-enc to share)")
+            with torch.inference_mode(False):
+                pipe = pipeline_from_original(tensors, tokenizer_dir=_comfy.sd1_tokenizer_dir(),
+                                              prediction_type=prediction, source="ComfyUI MODEL/CLIP/VAE")
+        except ValueError as e:
+            reason = str(e).splitlines()[0]
+            if fallback == NO_FALLBACK:
+                raise ValueError(f"cannot share the loader's weights: {reason}. Set 'fallback' to the checkpoint to "
+                                 "load it from the file instead") from None
+            self._loader.release()
+            pipe = self._loader.load(fallback, "auto")[0]
+            return (pipe, f"loaded {fallback} from the file (not shared: {reason})")
+        self._loader.release()
+        mark_shared(pipe, _comfy.native_modules(model, clip, vae))
+        mib = sum(t.numel() * t.element_size() for t in tensors.values()) / 2 ** 20
+        return (pipe, f"shared: {len(tensors)} tensors ({mib:.0f} MiB) of the loader's weights, no copy")

@@ -7,6 +7,7 @@ from typing import Any
 
 from . import _comfy
 from .common import CATEGORY
+from .gpu import park
 
 TOY = "toy (bundled)"
 CKPT_PREFIX = "checkpoints/"
@@ -92,6 +93,10 @@ class ReDiFineLoadPipeline:
                       "diffusers/<folder> (a diffusers model folder with model_index.json)."}),
             "precision": (list(PRECISIONS), {"default": "auto", "tooltip":
                           "Weight dtype of the loaded model; auto lets the loader pick for the device (fp32 on CPU)."}),
+        }, "optional": {
+            "keep_loaded": ("BOOLEAN", {"default": False, "tooltip":
+                            "Keep the loaded model on the GPU. Off: it is loaded on the GPU, then parked on ComfyUI's "
+                            "offload device (normally system RAM) until a ReDiFine node needs it."}),
         }}
 
     @classmethod
@@ -105,9 +110,18 @@ class ReDiFineLoadPipeline:
         return precision_error(precision) or True
 
     def __init__(self):
+        # (source, precision, mtime) -> pipeline: only the pipeline this node was last asked for; a changed choice
+        # releases the old one (parked first, so its GPU memory is free before the new one loads)
         self._cache: tuple[Any, Any] | None = None
 
-    def load(self, model, precision):
+    def release(self) -> None:
+        """Forget the cached pipeline, moving it off the GPU first (ComfyUI may still hold it until its cache
+        moves on, so it is parked, not destroyed)."""
+        if self._cache is not None:
+            old, self._cache = self._cache[1], None
+            park(old)
+
+    def load(self, model, precision, keep_loaded=False):
         import torch
 
         from redifine_core.models import load_pipeline
@@ -119,9 +133,18 @@ class ReDiFineLoadPipeline:
         mtime = os.path.getmtime(source) if os.path.exists(source) else None
         key = (source, precision, mtime)
         if self._cache is not None and self._cache[0] == key:
-            return (self._cache[1],)
-        self._cache = None
+            pipe = self._cache[1]
+            if not keep_loaded:
+                park(pipe)
+            return (pipe,)
+        self.release()
+        device = _comfy.torch_device()
+        if device is not None:
+            size = os.path.getsize(source) if os.path.isfile(source) else 0  # about the weights it brings in
+            _comfy.free_memory(size + _comfy.minimum_inference_memory(), device)
         with torch.inference_mode(False):  # weights made here must be usable by autograd in the training node
-            pipe = load_pipeline(source, device=_comfy.torch_device(), dtype=_dtype(precision), tokenizer_dir=tok)
+            pipe = load_pipeline(source, device=device, dtype=_dtype(precision), tokenizer_dir=tok)
+        if not keep_loaded:
+            park(pipe)
         self._cache = (key, pipe)
         return (pipe,)

@@ -7,6 +7,7 @@ import os
 from . import _comfy
 from .common import (ANY, CATEGORY, ComfyCancel, ProgressAdapter, bound_error, comfy_cancellation, first_error, name_error,
                      path_inside, run_checks, safe_name, widget)
+from .gpu import KEEP_LOADED_TOOLTIP, on_device
 
 PRECISIONS = ("no", "fp16", "bf16")
 
@@ -79,6 +80,8 @@ class ReDiFineTrainLoRA:
                           "Mixed precision for the forward pass: no (fp32), fp16 or bf16 (GPU)."}),
             "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip":
                                        "Recompute activations in the backward pass: less memory, slower."}),
+        }, "optional": {
+            "keep_loaded": ("BOOLEAN", {"default": False, "tooltip": KEEP_LOADED_TOOLTIP}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
@@ -108,7 +111,7 @@ class ReDiFineTrainLoRA:
             return "invalid"
 
     def train(self, pipeline, dataset, lora_name, cond_drop, rank, alpha, learning_rate, steps, batch_size,
-              resolution, seed, precision, gradient_checkpointing, unique_id=None):
+              resolution, seed, precision, gradient_checkpointing, unique_id=None, keep_loaded=False):
         import torch
 
         from redifine_core.lora import save_lora
@@ -129,7 +132,7 @@ class ReDiFineTrainLoRA:
                              cond_drop=float(cond_drop), batch_size=int(batch_size),
                              resolution=int(resolution) or None, mixed_precision=precision,
                              gradient_checkpointing=bool(gradient_checkpointing), seed=int(seed))
-        with torch.inference_mode(False), comfy_cancellation():
+        with torch.inference_mode(False), comfy_cancellation(), on_device(pipeline, bool(keep_loaded)):
             result = finetune_lora(pipeline, dataset, config, progress=ProgressAdapter(unique_id, phases=("train",)),
                                    cancel=ComfyCancel())
             if _comfy.processing_interrupted():  # cancelled after the last step: still leave no file

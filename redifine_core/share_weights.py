@@ -14,8 +14,11 @@ tensor set on the same storage is exactly the same memory and trains fine; ``tes
 torch ever lets inference tensors into autograd (then the view can go).
 
 Only what shares safely is shared: SD1.x (the converters copy the fused q/k/v of OpenCLIP encoders, used by SD2.x and
-SDXL), weights in the dtypes ``Pipeline.to`` would keep (otherwise a later ``.to`` would cast, i.e. copy), and every
-expected weight present. Anything else is one ``ValueError`` line that says why, so the caller can load the file.
+SDXL), each module's weights in one float dtype of ``SHAREABLE_DTYPES``, all on one device, every expected weight
+present. Each module keeps the dtype it came in (ComfyUI stores the text encoder in fp16 and the UNet in fp32 on a
+CPU, for example); ``Pipeline.dtype`` is the UNet's. ``Pipeline.to(dtype=...)`` would cast, i.e. copy: move a shared
+pipeline by device only (``nodes/gpu.py`` does). Anything else is one ``ValueError`` line that says why, so the caller
+can load the file.
 """
 
 from __future__ import annotations
@@ -113,14 +116,10 @@ def pipeline_from_original(
         if not any(k.startswith(prefix) for k in tensors):
             raise ValueError(f"no {what} weights ({prefix}*) were given")
     unet_dtype = _dtype_of(tensors, UNET_PREFIX, "UNet")
-    te_dtype = _dtype_of(tensors, CLIP_PREFIX, "text encoder")
-    vae_dtype = _dtype_of(tensors, VAE_PREFIX, "VAE")
+    for prefix, what in ((CLIP_PREFIX, "text encoder"), (VAE_PREFIX, "VAE")):
+        _dtype_of(tensors, prefix, what)  # each module keeps its own dtype (ComfyUI's may differ per module)
     cfg_dir = Path(config_dir).expanduser() if config_dir is not None else CONFIG_ROOT / kind
     vae_config = read_json(cfg_dir / "vae" / "config.json")
-    want_vae = torch.float32 if unet_dtype == torch.float16 and vae_config.get("force_upcast", False) else unet_dtype
-    if te_dtype != unet_dtype or vae_dtype != want_vae:
-        raise ValueError(f"the weights are UNet {unet_dtype}, text encoder {te_dtype}, VAE {vae_dtype}; sharing needs "
-                         f"the text encoder in the UNet's dtype and the VAE in {want_vae} (no casts, which would copy)")
     devices = {str(v.device) for v in tensors.values()}
     if len(devices) != 1:
         raise ValueError(f"the weights are spread over devices {sorted(devices)}; sharing needs them on one device")

@@ -35,16 +35,18 @@ chain_mod = sys.modules[PACK.__name__ + ".nodes.chain"]
 train_mod = sys.modules[PACK.__name__ + ".nodes.train"]
 native_mod = sys.modules[PACK.__name__ + ".nodes.native"]
 comfy_mod = sys.modules[PACK.__name__ + ".nodes._comfy"]
+gpu_mod = sys.modules[PACK.__name__ + ".nodes.gpu"]
+pipeline_mod = sys.modules[PACK.__name__ + ".nodes.pipeline"]
 metrics_mod = sys.modules[PACK.__name__ + ".nodes.metrics"]
 
 # The public contract: saved workflows store node ids and widget values by input order.
 INPUT_ORDER = {
-    "ReDiFineLoadPipeline": ["model", "precision"],
+    "ReDiFineLoadPipeline": ["model", "precision", "keep_loaded"],
     "ReDiFineDataset": ["source", "folder", "toy_count", "toy_seed", "default_caption", "captions", "images"],
     "ReDiFineTrainLoRA": ["pipeline", "dataset", "lora_name", "cond_drop", "rank", "alpha", "learning_rate", "steps",
-                          "batch_size", "resolution", "seed", "precision", "gradient_checkpointing"],
+                          "batch_size", "resolution", "seed", "precision", "gradient_checkpointing", "keep_loaded"],
     "ReDiFineGenerate": ["pipeline", "prompts", "schedule", "steps", "sampler", "seed", "width", "height",
-                         "negative_prompt", "lora_scale", "lora"],
+                         "negative_prompt", "lora_scale", "lora", "keep_loaded"],
     "ReDiFineCFGScheduleModel": ["model", "schedule", "iteration"],
     "ReDiFinePlotSchedule": ["schedules", "steps"],
     "ReDiFineChain": ["pipeline", "dataset", "run_name", "iterations", "methods", "steps", "sampler",
@@ -52,6 +54,7 @@ INPUT_ORDER = {
                       "resolution", "protocol", "resume"],
     "ReDiFineCollapseMetrics": ["reference", "generated", "features"],
     "ReDiFinePipelineToNative": ["pipeline"],
+    "ReDiFinePipelineFromNative": ["model", "clip", "vae", "fallback"],
 }
 
 
@@ -408,3 +411,158 @@ def test_dataset_node_reads_an_input_subfolder_and_refuses_escapes(tmp_path, mon
     ds, batch, n = MAPPINGS["ReDiFineDataset"]().build("folder", "cats", 1, 0, "", "")
     assert n == 2 and sorted(ds.captions) == ["cat number 0", "cat number 1"]
     assert batch.shape == (2, 16, 16, 3)
+
+
+# --- sharing the GPU with ComfyUI (nodes/gpu.py); ComfyUI's functions are replaced by recorders ---
+
+
+class _FakeComfyMemory:
+    """Stands in for _comfy's memory functions: a compute device, an offload device, and a call log."""
+
+    def __init__(self, monkeypatch, device="cpu", offload="cpu"):
+        self.calls = []
+        monkeypatch.setattr(comfy_mod, "torch_device", lambda: torch.device(device))
+        monkeypatch.setattr(comfy_mod, "offload_device", lambda: torch.device(offload))
+        monkeypatch.setattr(comfy_mod, "minimum_inference_memory", lambda: 1000)
+        monkeypatch.setattr(comfy_mod, "free_memory",
+                            lambda n, dev, evict=(): self.calls.append(("free", n, str(dev), tuple(evict))))
+        monkeypatch.setattr(comfy_mod, "empty_cache", lambda: self.calls.append(("empty",)))
+
+
+class _RecordingPipeline:
+    def __init__(self, log):
+        self.log = log
+        self.lin = torch.nn.Linear(10, 10)  # 110 float32 = 440 bytes
+
+    def modules(self):
+        return [self.lin]
+
+    def to(self, device=None, dtype=None):
+        self.log.append(("to", str(device)))
+        return self
+
+
+def test_heavy_work_frees_comfy_memory_first_and_parks_after(monkeypatch):
+    fake = _FakeComfyMemory(monkeypatch, device="cpu", offload="cpu")
+    pipe = _RecordingPipeline(fake.calls)
+    assert gpu_mod.weight_bytes(pipe) == 440
+    with gpu_mod.on_device(pipe):
+        fake.calls.append(("work",))
+    assert fake.calls == [("free", 1440, "cpu", ()), ("to", "cpu"), ("work",), ("to", "cpu"), ("empty",)]
+    fake.calls.clear()
+    with gpu_mod.on_device(pipe, keep_loaded=True, reserve_bytes=60):
+        pass
+    assert fake.calls == [("free", 500, "cpu", ()), ("to", "cpu")]  # kept on the device: no park, no cache flush
+    fake.calls.clear()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        with gpu_mod.on_device(pipe):
+            raise RuntimeError("out of memory")
+    assert fake.calls[-2:] == [("to", "cpu"), ("empty",)]  # parked even when the work failed
+
+
+def test_outside_comfyui_nothing_moves(monkeypatch):
+    monkeypatch.setattr(comfy_mod, "torch_device", lambda: None)
+    log = []
+    with gpu_mod.on_device(_RecordingPipeline(log)):
+        pass
+    assert log == []
+
+
+def test_train_and_generate_nodes_run_inside_on_device(monkeypatch, tiny_sd):
+    from redifine_core.models import Pipeline
+
+    fake = _FakeComfyMemory(monkeypatch)
+    pipe = Pipeline.from_diffusers(tiny_sd)
+    seen = []
+    real = gpu_mod.on_device
+
+    def spy(pipeline, keep_loaded=False, reserve_bytes=None):
+        seen.append((pipeline is pipe, keep_loaded))
+        return real(pipeline, keep_loaded, reserve_bytes)
+
+    monkeypatch.setattr(sys.modules[PACK.__name__ + ".nodes.generate"], "on_device", spy)
+    MAPPINGS["ReDiFineGenerate"]().generate(pipe, "a red circle", "1", 1, "ddim", 0, 0, 0, "", 1.0, keep_loaded=True)
+    assert seen == [(True, True)] and fake.calls[0][0] == "free" and fake.calls[0][1] >= gpu_mod.weight_bytes(pipe)
+    assert inspect.signature(MAPPINGS["ReDiFineTrainLoRA"].train).parameters["keep_loaded"].default is False
+    assert "on_device(pipeline, bool(keep_loaded))" in inspect.getsource(MAPPINGS["ReDiFineTrainLoRA"].train)
+
+
+def test_free_memory_evicts_only_the_models_a_shared_pipeline_borrows_from(monkeypatch):
+    import types
+
+    calls = []
+    shared_module, other_module = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+    loaded = [types.SimpleNamespace(model=types.SimpleNamespace(model=m)) for m in (shared_module, other_module)]
+    mm = types.SimpleNamespace(current_loaded_models=loaded,
+                               free_memory=lambda n, dev, keep_loaded=(): calls.append((n, dev, list(keep_loaded))))
+    comfy = types.ModuleType("comfy")
+    comfy.model_management = mm
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", mm)
+    comfy_mod.free_memory(123, "cuda", evict=(shared_module,))
+    assert calls == [(1e30, "cuda", [loaded[1]]), (123, "cuda", [])]  # the borrowed-from model goes, the other stays
+    calls.clear()
+    comfy_mod.free_memory(5, "cuda")
+    assert calls == [(5, "cuda", [])]
+
+
+def test_parking_a_shared_pipeline_points_it_back_at_the_shared_memory(monkeypatch):
+    _FakeComfyMemory(monkeypatch)
+    pipe = _RecordingPipeline([])
+    shared = pipe.lin.weight.data
+    gpu_mod.mark_shared(pipe, (torch.nn.Linear(1, 1),))
+    assert len(gpu_mod.shared_with(pipe)) == 1
+    pipe.lin.weight.data = shared.clone()  # what a round trip to the GPU and back leaves: a private copy
+    gpu_mod.park(pipe)
+    assert pipe.lin.weight.data_ptr() == shared.data_ptr()  # the copy is dropped, the shared memory used again
+    assert pipe.log == []  # moved module by module (no Pipeline.to, which could cast)
+
+
+def test_load_node_keeps_one_pipeline_and_releases_the_old_on_a_changed_choice(monkeypatch, tmp_path):
+    import redifine_core.models as models
+
+    fake = _FakeComfyMemory(monkeypatch)
+    loaded = []
+
+    def fake_load(source, device=None, dtype=None, tokenizer_dir=None):
+        loaded.append(_RecordingPipeline(fake.calls))
+        return loaded[-1]
+
+    monkeypatch.setattr(models, "load_pipeline", fake_load)
+    monkeypatch.setattr(pipeline_mod, "resolve_source", lambda choice: (str(tmp_path / choice), None))
+    node = MAPPINGS["ReDiFineLoadPipeline"]()
+    (a,) = node.load("a", "fp32")
+    assert node.load("a", "fp32")[0] is a and len(loaded) == 1  # cached
+    assert ("to", "cpu") in a.log  # parked on the offload device after loading
+    a.log.clear()
+    (b,) = node.load("b", "fp32")
+    assert b is not a and node._cache[1] is b  # only the pipeline asked for is held
+    assert a.log and a.log[0] == ("to", "cpu")  # the old one was parked before the new one loaded
+    (c,) = node.load("b", "fp32", keep_loaded=True)
+    assert c is b
+
+
+def test_from_native_refuses_patched_models_clearly_or_loads_the_fallback(monkeypatch):
+    import types
+
+    node_cls = MAPPINGS["ReDiFinePipelineFromNative"]
+    model = types.SimpleNamespace(patches={"diffusion_model.x": [1]}, model=torch.nn.Linear(1, 1))
+    clip = types.SimpleNamespace(patcher=types.SimpleNamespace(patches={}, model=torch.nn.Linear(1, 1)))
+    vae = types.SimpleNamespace(patcher=types.SimpleNamespace(model=torch.nn.Linear(1, 1)))
+    node = node_cls()
+    with pytest.raises(ValueError, match="cannot share the loader's weights: the MODEL has weight patches") as e:
+        node.build(model, clip, vae, native_mod.NO_FALLBACK)
+    assert "\n" not in str(e.value) and "fallback" in str(e.value)
+    monkeypatch.setattr(node._loader, "load", lambda choice, precision: ("loaded:" + choice,))
+    pipe, how = node.build(model, clip, vae, "checkpoints/sd15.safetensors")
+    assert pipe == "loaded:checkpoints/sd15.safetensors"
+    assert how.startswith("loaded checkpoints/sd15.safetensors from the file (not shared: the MODEL has weight patches")
+
+
+def test_to_native_refuses_sdxl_and_v_prediction_and_names_the_stock_route():
+    import types
+
+    sdxl = types.SimpleNamespace(text_encoder_2=object())
+    with pytest.raises(ValueError, match="SDXL pipelines are not supported by this node; load the checkpoint with "
+                                         "CheckpointLoaderSimple"):
+        MAPPINGS["ReDiFinePipelineToNative"]().convert(sdxl)

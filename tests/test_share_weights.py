@@ -72,13 +72,24 @@ def test_training_through_shared_inference_weights_works_and_the_view_is_still_n
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+def test_each_module_keeps_its_own_dtype(tiny_sd, tmp_path):
+    state = {k: (v.to(torch.bfloat16) if k.startswith("cond_stage_model.") else v)
+             for k, v in sd1_to_original(tiny_sd).items()}
+    pipe = pipeline_from_original(_inference_tensors(state), config_dir=_config(tiny_sd, tmp_path))
+    assert pipe.dtype == torch.float32 and pipe.text_encoder.dtype == torch.bfloat16
+    assert pipe.vae.dtype == torch.float32
+
+
 def test_what_cannot_be_shared_is_refused_in_one_line(tiny_sd, tiny_sdxl, tmp_path):
     config = _config(tiny_sd, tmp_path)
     state = sd1_to_original(tiny_sd)
-    mixed = {k: (v.to(torch.bfloat16) if k.startswith("cond_stage_model.") else v) for k, v in state.items()}
-    with pytest.raises(ValueError, match="text encoder torch.bfloat16") as e:
+    mixed = {k: (v.to(torch.bfloat16) if k.endswith("norm1.weight") else v) for k, v in state.items()}
+    with pytest.raises(ValueError, match=r"the UNet weights are in \['torch.bfloat16', 'torch.float32'\]") as e:
         pipeline_from_original(mixed, config_dir=config)
     assert "\n" not in str(e.value)
+    fp8 = {k: (v.to(torch.float8_e4m3fn) if k.startswith("first_stage_model.") else v) for k, v in state.items()}
+    with pytest.raises(ValueError, match="the VAE weights are in"):
+        pipeline_from_original(fp8, config_dir=config)
     with pytest.raises(ValueError, match="sdxl: sharing weights supports SD1.x only"):
         pipeline_from_original(sdxl_to_original(tiny_sdxl), config_dir=config)
     no_vae = {k: v for k, v in state.items() if not k.startswith("first_stage_model.")}
