@@ -24,6 +24,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+CLAIM_TIMEOUT = 300.0  # chain.DEFAULT_CLAIM_TIMEOUT (not imported here: the CLI starts without torch)
 
 
 class UsageError(Exception):
@@ -143,18 +144,27 @@ def _line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def cmd_chain(args: argparse.Namespace) -> int:
-    prog = "redifine chain"
-    if args.resume and args.overwrite:
-        raise UsageError("--resume and --overwrite exclude each other: continue the run, or start it again")
-    try:
-        job = parse_chain_toml(args.config)
-    except ValueError as e:
-        _err(prog, f"{args.config}: {_line(e)}" if args.config not in str(e) else _line(e))
-        return EXIT_USAGE
+class RankLines:
+    """Progress of one process among several: plain lines with the rank in front, one per chain stage (no bars:
+    several processes share one terminal or log file, and none prints another's progress)."""
+
+    def __init__(self, label: str, disable: bool = False) -> None:
+        self.label, self.disable = label, disable
+
+    def __call__(self, ev: ProgressEvent) -> None:
+        if self.disable or ev.phase != "chain":
+            return
+        print(f"{self.label} {ev.step}/{ev.total} {ev.message}", flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _check_chain_out(args: argparse.Namespace, job: ChainJob) -> None:
+    """The run folder checks made before any model loads (rank 0 of a launch makes them for every process)."""
     out = Path(args.out)
     check_output_dir(out, "--out")  # a file, or a folder the user cannot write
-    from .chain import check_run_folder, run_chain
+    from .chain import check_run_folder
 
     if args.resume and not out.exists():
         raise FileNotFoundError(f"--out {args.out!r} does not exist: there is nothing to resume; check the folder "
@@ -164,10 +174,51 @@ def cmd_chain(args: argparse.Namespace) -> int:
     except FileExistsError:
         raise UsageError(f"run folder {args.out!r} exists and is not empty; add --resume to continue it, "
                          "--overwrite to start it again, or choose another --out") from None
+
+
+def cmd_chain(args: argparse.Namespace) -> int:
+    prog = "redifine chain"
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other: continue the run, or start it again")
+    if not args.claim_timeout > 0:
+        raise UsageError(f"--claim-timeout {args.claim_timeout!r} must be a number of seconds > 0")
+    try:
+        job = parse_chain_toml(args.config)
+    except ValueError as e:
+        _err(prog, f"{args.config}: {_line(e)}" if args.config not in str(e) else _line(e))
+        return EXIT_USAGE
+    out = Path(args.out)
+    from .chain import run_chain
+    from .distributed import current as current_processes
+
+    procs = current_processes()  # one process, or this one's place in an accelerate / torchrun / srun launch
+    problem: Optional[BaseException] = None
+    if procs.is_main:
+        try:
+            _check_chain_out(args, job)
+        except USER_ERRORS as e:
+            problem = e
+    shared = procs.broadcast(None if problem is None else _line(problem))
+    if problem is not None:
+        raise problem
+    if shared is not None:
+        raise UsageError(shared)
+    if procs.world_size > 1 and job.device in (None, "auto", "cuda"):
+        import dataclasses
+
+        import torch
+
+        if torch.cuda.is_available():  # accelerate made this process's GPU the current one
+            job = dataclasses.replace(job, device=f"cuda:{torch.cuda.current_device()}")
     check_job(job)  # model/dataset paths, device, dtype: before anything loads
-    kwargs = {"overwrite": True} if args.overwrite else {}
+    kwargs: dict[str, Any] = {"overwrite": True} if args.overwrite else {}
+    if procs.world_size > 1:
+        kwargs["processes"] = procs
+    if args.claim_timeout != CLAIM_TIMEOUT:
+        kwargs["claim_timeout"] = args.claim_timeout
     resume_cmd = f"redifine chain {args.config} --out {args.out} --resume"
-    progress = TqdmProgress(disable=args.quiet)
+    progress: Any = RankLines(procs.label, disable=args.quiet) if procs.world_size > 1 \
+        else TqdmProgress(disable=args.quiet)
     try:
         with _third_party_quiet(args.verbose):
             dataset = load_job_dataset(job)
@@ -181,7 +232,7 @@ def cmd_chain(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     finally:
         progress.close()
-    print(f"run complete: {result.run_dir}")
+    print(f"{procs.label + ' ' if procs.label else ''}run complete: {result.run_dir}")
     for method, per_seed in result.verdicts.items():
         for seed, labels in per_seed.items():
             print(f"  {method} seed {seed}: " + " -> ".join(labels))
@@ -342,12 +393,20 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     c = add("chain", "run (or resume) a Chain of Diffusion described by a TOML file", cmd_chain)
+    c.formatter_class = argparse.RawDescriptionHelpFormatter
+    c.epilog = ("Several GPUs or machines: start it with accelerate, e.g.\n"
+                "  accelerate launch --num_processes 4 -m redifine_core.cli chain CONFIG.toml --out RUN\n"
+                "(torchrun and srun work too). Every process claims one method and seed at a time through claim files\n"
+                "in RUN (a folder all of them see); the files are the same as from one process. See docs/scale.md.")
     c.add_argument("config", help="the TOML file (see examples/chain.toml)")
     c.add_argument("--out", required=True, help="the run folder (new, or an existing one with --resume)")
     c.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     c.add_argument("--overwrite", action="store_true", help="delete the previous run in --out and start again")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.add_argument("--verbose", action="store_true", help="show third-party warnings and loading bars")
+    c.add_argument("--claim-timeout", type=float, default=CLAIM_TIMEOUT, metavar="SECONDS",
+                   help="under accelerate launch / torchrun / srun: a process whose claim has no heartbeat for this "
+                        "long is taken to be dead and its unit is taken over (default 300)")
 
     d = add("demo", "the toy-model demo: baseline low/high CFG vs ReDiFine, with a report", cmd_demo)
     d.add_argument("--out", required=True, help="output folder")

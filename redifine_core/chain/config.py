@@ -28,7 +28,7 @@ REDIFINE_COND_DROP = 0.2
 REDIFINE_SCHEDULE = "redifine"
 MAX_CFG = bounds.MAX_CFG
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-_RESERVED_NAMES = ("reference", ".", "..")
+_RESERVED_NAMES = ("reference", "claims", ".", "..")
 
 
 def _check_schedule(field_name: str, spec: str) -> None:

@@ -20,6 +20,11 @@ through it. Layout (schema_version 1)::
                                                              "verdict": {"label", "reasons"}, "features"}
     <run>/<method>/seed_<S>/iter_<i:03d>/DONE               written last: an iteration without it is redone
     <run>/metrics.csv, curves.png, grid_<method>.png, report.html      written by report.render_report
+    <run>/claims/                    while processes work on the run (see chain/claims.py):
+        worker.<launch>.<rank>.json          one per live process {"launch", "host", "pid", "rank", ...}
+        lane.<method>.seed_<S>.<gen>.json    who runs that method and seed; a higher <gen> took over a stale one
+        report.<launch>.json                 the one process of a launch that renders the report
+        clock.<host>.<pid>                   touched to read the run folder's clock (heartbeats are file times)
 
 Method folder names are MethodConfig names ([A-Za-z0-9_.-]+, never "reference"). A run.json that is not JSON, or
 not a run (no schema_version, no config table), is refused with one line naming the file; per-iteration files that
@@ -43,6 +48,8 @@ from ..atomic import write_json, write_text
 SCHEMA_VERSION = 1
 RUN_STATUSES: tuple[str, ...] = ("running", "complete", "cancelled", "failed")
 ITER_RE = re.compile(r"^iter_(\d+)$")
+LANE_CLAIM_RE = re.compile(r"^lane\.(?P<method>.+)\.seed_(?P<seed>-?\d+)\.(?P<gen>\d+)\.json$")
+WORKER_RE = re.compile(r"^worker\.(?P<launch>[A-Za-z0-9]+)\.(?P<rank>\d+)\.json$")
 SEED_RE = re.compile(r"^seed_(-?\d+)$")
 PathLike = Union[str, Path]
 
@@ -184,6 +191,38 @@ class RunFolder:
     def done_path(self, method: str, seed: int, iteration: int) -> Path:
         return self.iteration_dir(method, seed, iteration) / self.DONE
 
+    # ------------------------------------------------------------------------------------------------ claims
+    @property
+    def claims_dir(self) -> Path:
+        return self.root / "claims"
+
+    def worker_claim(self, launch: str, rank: int) -> Path:
+        return self.claims_dir / f"worker.{launch}.{int(rank)}.json"
+
+    def lane_claim(self, method: str, seed: int, generation: int) -> Path:
+        return self.claims_dir / f"lane.{method}.seed_{int(seed)}.{int(generation)}.json"
+
+    def lane_claims(self, method: str, seed: int) -> list[tuple[int, Path]]:
+        """The claim files of one method and seed as (generation, path), lowest generation first."""
+        out = []
+        for p in self.claims_dir.glob(f"lane.{method}.seed_{int(seed)}.*.json"):
+            m = LANE_CLAIM_RE.match(p.name)
+            if m and m.group("method") == method and int(m.group("seed")) == int(seed):
+                out.append((int(m.group("gen")), p))
+        return sorted(out)
+
+    def worker_claims(self) -> list[tuple[str, int, Path]]:
+        """Every worker file as (launch, rank, path)."""
+        d = self.claims_dir
+        found = [(WORKER_RE.match(p.name), p) for p in d.glob("worker.*.json")] if d.is_dir() else []
+        return sorted((m.group("launch"), int(m.group("rank")), p) for m, p in found if m)
+
+    def report_claim(self, launch: str) -> Path:
+        return self.claims_dir / f"report.{launch}.json"
+
+    def clock_probe(self, host: str, pid: int) -> Path:
+        return self.claims_dir / f"clock.{host}.{int(pid)}"
+
     @property
     def metrics_csv(self) -> Path:
         return self.root / "metrics.csv"
@@ -244,11 +283,12 @@ class RunFolder:
         """Folders holding seed_<S> folders (the methods found on disk), sorted by name."""
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.iterdir() if p.is_dir() and p.name != "reference"
+        return sorted(p for p in self.root.iterdir() if p.is_dir() and p.name not in ("reference", "claims")
                       and any(q.is_dir() and SEED_RE.match(q.name) for q in p.iterdir()))
 
     def clear(self) -> None:
-        """Delete what a run writes (run.json, reference/, method folders, report files); other files are kept."""
+        """Delete what a run writes (run.json, reference/, method folders, report files); other files are kept, and
+        so is ``claims/`` (the live processes' files: chain/claims.py clears stale ones)."""
         for p in [self.reference_dir, *self.method_dirs()]:
             if p.exists():
                 shutil.rmtree(p)

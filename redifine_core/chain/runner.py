@@ -1,142 +1,54 @@
-"""run_chain: the Chain of Diffusion loop over units, streaming each generated set to disk, resumable.
+"""run_chain: a whole run (every unit of every method and replicate seed), resumable, over one or many processes.
 
-A *unit* is one (iteration, method, replicate seed) step: train LoRA_i on D_i, generate D_{i+1} from D0's captions,
-measure it. Units run iteration-major, so a partial run has every method at the same depth. Each unit is a pure
-function of files on disk (the RunFolder) and is marked DONE last; a resumed run redoes only unfinished units and
-gives exactly the files an uninterrupted run gives.
+One process runs the units iteration-major, so a partial run has every method at the same depth. Several
+processes (``accelerate launch``, torchrun, srun: see docs/scale.md) each claim one method and seed (a *lane*) at a
+time through claim files in the run folder (claims.py) and run its iterations; start-up is the only collective step
+(rank 0 opens the run, every process checks it agrees with run.json). Each unit is a pure function of files on disk
+(unit.py), so the files are the same whichever process ran which unit, and a resumed run redoes only unfinished units.
 
-Our choices, documented:
-
-* Seeds. Image k of caption c in replicate S is generated with ``image_seed(S, c, k)`` (SHA-256 of the triple): the
-  same initial noise for that image in every iteration and method, so differences are the model's, not the noise's.
-  Training in replicate S, iteration i uses ``train_seed(train.seed, S, i)``, the same for every method.
-* Data. D_{i+1} is the 8-bit PNG set written at iteration i; training and metrics use those 8-bit images read back
-  from disk. D_0 is the user's images centre-cropped and resized to the generation size (``reference/images``).
-* Memory. Generation streams: each batch is written as PNGs (atomically) and folded into a ``metrics.SetSummary``
-  (per-image statistics and feature vectors), so no generated set is ever held as float images; the previous set's
-  summary is rebuilt from its PNGs, and the next training set is read from the PNGs as 8-bit images.
-* LoRAs. Each LoRA is saved (kohya layout) and read back before it is used for sampling or as ``init_lora``.
-* Starting over. A run folder is continued with ``resume``; a config that differs from the stored one is refused
-  once any unit is DONE, and replaces it while none is (a run that failed before finishing anything is fixed by
-  correcting the config). ``overwrite`` deletes a previous run's files and starts afresh.
+Starting over. A run folder is continued with ``resume``; a config that differs from the stored one is refused once
+any unit is DONE, and replaces it while none is (a run that failed before finishing anything is fixed by correcting
+the config). ``overwrite`` deletes a previous run's files and starts afresh.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
-
-import numpy as np
+from typing import Any, Optional, Union
 
 from .. import bounds
-from ..atomic import save_png, write_json
+from ..distributed import Processes
+from ..distributed import current as current_processes
 from ..progress import CancelFlag, Cancelled, ProgressCallback, ProgressEvent, check_cancel, report
 from .backend import ChainBackend, default_backend
-from .config import ChainConfig, MethodConfig
-from .run_folder import SCHEMA_VERSION, RunFolder, read_png
+from .claims import DEFAULT_TIMEOUT, Claims, new_launch_id
+from .coerce import config_diff
+from .config import ChainConfig
+from .run_folder import SCHEMA_VERSION, RunFolder
 from .start import check_run_folder, now, open_run, versions
+from .unit import (  # noqa: F401 (re-exported)
+    ChainResult,
+    Unit,
+    _fit,
+    _generation_size,
+    _record_verdict_to,
+    _Run,
+    _run_unit,
+    _write_reference,
+    image_seed,
+    train_seed,
+    units,
+)
 
 log = logging.getLogger(__name__)
 
 
-# --------------------------------------------------------------------------------------------------------- seeds
-def _hash_int(text: str) -> int:
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:4], "big")
-
-
-def image_seed(replicate: int, caption_index: int, k: int) -> int:
-    """The sampling seed of image ``k`` of caption ``caption_index`` in replicate ``replicate`` (0 <= seed < 2**32).
-
-    Independent of the iteration and the method: the same image position gets the same initial noise all along.
-    """
-    return _hash_int(f"redifine-image:{int(replicate)}:{int(caption_index)}:{int(k)}")
-
-
-def train_seed(base: int, replicate: int, iteration: int) -> int:
-    """The training seed at ``iteration`` of replicate ``replicate`` (shared by all methods: a paired comparison)."""
-    return _hash_int(f"redifine-train:{int(base)}:{int(replicate)}:{int(iteration)}")
-
-
-# ------------------------------------------------------------------------------------------------------ results
-@dataclass
-class ChainResult:
-    """What a run produced: its folder, final status, and verdict labels[method][seed] = [label per iteration]."""
-
-    run_dir: Path
-    status: str
-    verdicts: dict[str, dict[int, list[str]]] = field(default_factory=dict)
-    report: Optional[Path] = None
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One step of the run: ``index`` in run order, the iteration, the method and the replicate seed."""
-
-    index: int
-    iteration: int
-    method: MethodConfig
-    seed: int
-
-    @property
-    def label(self) -> str:
-        return f"{self.method.name} seed {self.seed} iter {self.iteration}"
-
-
-def units(config: ChainConfig) -> list[Unit]:
-    """Every unit of a run, iteration-major (then method, then seed)."""
-    out: list[Unit] = []
-    for i in range(config.iterations):
-        for m in config.methods:
-            for s in config.seeds:
-                out.append(Unit(len(out), i, m, s))
-    return out
-
-
-# -------------------------------------------------------------------------------------------------------- helpers
 def iteration_dir(run_dir: Union[str, Path], method: str, seed: int, iteration: int) -> Path:
     """``RunFolder(run_dir).iteration_dir(method, seed, iteration)``."""
     return RunFolder(run_dir).iteration_dir(method, seed, iteration)
-
-
-def _to_uint8(images: Any) -> np.ndarray:
-    """[N, H, W, 3] float in [0, 1] (torch or numpy) -> uint8, rounding to nearest."""
-    arr = images.detach().cpu().float().numpy() if hasattr(images, "detach") else np.asarray(images, dtype=np.float32)
-    return np.clip(np.rint(np.clip(arr, 0.0, 1.0) * 255.0), 0, 255).astype(np.uint8)
-
-
-def _fit(image: Any, width: int, height: int) -> Any:
-    """Centre-crop to the aspect ratio and resize to (width, height), RGB 8-bit (unchanged when already that size)."""
-    from PIL import Image, ImageOps
-
-    image = image.convert("RGB")
-    if image.size == (width, height):
-        return image
-    return ImageOps.fit(image, (width, height), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
-
-
-def _generation_size(pipeline: Any, config: ChainConfig) -> tuple[int, int]:
-    res = getattr(config.train, "resolution", None) or int(getattr(pipeline, "default_size", 512))
-    return int(config.width or res), int(config.height or res)
-
-
-def _floats(d: dict) -> dict[str, float]:
-    """The numeric entries of a metrics dict, as plain floats (strings such as "features" dropped)."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, (str, bool)) or v is None:
-            continue
-        try:
-            out[str(k)] = float(v)
-        except (TypeError, ValueError):
-            continue
-    return out
 
 
 def _render_report(run_dir: Path) -> Optional[Path]:
@@ -148,41 +60,6 @@ def _render_report(run_dir: Path) -> Optional[Path]:
     except Exception as e:  # noqa: BLE001 - a report failure must not lose the run
         log.warning("could not render the report of %s: %s: %s", run_dir, type(e).__name__, e)
         return None
-
-
-# --------------------------------------------------------------------------------------------------------- run
-@dataclass
-class _Run:
-    """What every unit of one run shares."""
-
-    pipeline: Any
-    config: ChainConfig
-    folder: RunFolder
-    captions: list[str]
-    reference: list  # D0 as PIL images at the generation size
-    size: tuple[int, int]
-    backend: ChainBackend
-    manifest: dict
-    progress: Optional[ProgressCallback]
-    cancel: Optional[CancelFlag]
-    result: ChainResult
-    features: Any = None  # the run's feature extractor (resolved once)
-    reference_summary: Any = None
-
-    def stage(self, unit: Unit, stage: str, step: Optional[int] = None, message: Optional[str] = None) -> None:
-        ctx = {"unit": unit.index, "method": unit.method.name, "seed": unit.seed, "iteration": unit.iteration}
-        report(self.progress, ProgressEvent(
-            phase="chain", step=unit.index if step is None else step, total=self.config.n_units(),
-            message=f"{unit.label}: {message or stage}", extra={**ctx, "stage": stage}))
-
-    def nested(self, unit: Unit) -> ProgressCallback:
-        ctx = {"unit": unit.index, "method": unit.method.name, "seed": unit.seed, "iteration": unit.iteration}
-
-        def forward(ev: ProgressEvent) -> None:
-            ev.extra = {**(ev.extra or {}), **ctx}
-            report(self.progress, ev)
-
-        return forward
 
 
 def run_chain(
@@ -197,14 +74,21 @@ def run_chain(
     overwrite: bool = False,
     backend: Optional[ChainBackend] = None,
     render: bool = True,
+    processes: Optional[Processes] = None,
+    claim_timeout: float = DEFAULT_TIMEOUT,
 ) -> ChainResult:
     """Run (or resume) the Chain of Diffusion of every method and replicate seed in ``config`` into ``run_dir``.
 
     ``dataset`` is D_0 (a ``data.CaptionedImages``). Raises FileExistsError for a non-empty ``run_dir`` without
-    ``resume`` or ``overwrite``; FileNotFoundError when resuming a folder that holds no run; ValueError for a run.json
-    that is not a run, or when resuming with a different config or dataset after a unit finished (naming every
-    differing field). ``overwrite`` deletes a previous run's files first. Re-raises Cancelled / KeyboardInterrupt
-    after marking the run "cancelled" (it stays resumable).
+    ``resume`` or ``overwrite``, or one another launch is using; FileNotFoundError when resuming a folder that holds
+    no run; ValueError for a run.json that is not a run, or when resuming with a different config or dataset after a
+    unit finished (naming every differing field). ``overwrite`` deletes a previous run's files first. Re-raises
+    Cancelled / KeyboardInterrupt after marking the run "cancelled" (it stays resumable).
+
+    Several processes (``processes``, default: the launch found in the environment by ``distributed.current()``,
+    i.e. ``accelerate launch`` / torchrun / srun) share the run: each claims one method and seed at a time
+    (chain/claims.py), a claim without a heartbeat for ``claim_timeout`` seconds is taken over, and the files are
+    those one process writes. One process (no launcher) runs the units iteration-major, as always.
     """
     if not isinstance(config, ChainConfig):
         raise ValueError(f"config={config!r} must be a ChainConfig")
@@ -217,8 +101,12 @@ def run_chain(
         raise ValueError(f"dataset has {len(captions)} image(s); a chain needs at least 2 (FID/KID compare sets)")
     bounds.check("images", len(captions) * config.images_per_caption,
                  "images per generated set (dataset images x images_per_caption)")
+    if not isinstance(claim_timeout, (int, float)) or isinstance(claim_timeout, bool) or not claim_timeout > 0:
+        raise ValueError(f"claim_timeout={claim_timeout!r} must be a number of seconds > 0")
+    procs = processes if processes is not None else current_processes()
     folder = RunFolder(run_dir)
-    check_run_folder(folder.root, resume=resume, overwrite=overwrite)
+    if procs.is_main:
+        check_run_folder(folder.root, resume=resume, overwrite=overwrite)
     width, height = _generation_size(pipeline, config)
     reference = [_fit(im, width, height) for im in images_in]
     fresh = {
@@ -228,181 +116,170 @@ def run_chain(
         "pipeline": {"source": str(getattr(pipeline, "source", "")), "kind": str(getattr(pipeline, "kind", ""))},
         "features": config.features, "size": [width, height],
     }
-    manifest = open_run(folder, fresh, reference, resume, overwrite)
-    folder.root.mkdir(parents=True, exist_ok=True)
-    folder.write_manifest(manifest)
     run = _Run(pipeline, config, folder, captions, reference, (width, height), backend or default_backend(),
-               manifest, progress, cancel, ChainResult(run_dir=folder.root, status="running"))
+               fresh, progress, cancel, ChainResult(run_dir=folder.root, status="running"))
+    claims = _start(run, procs, resume, overwrite, float(claim_timeout))
+    manifest = run.manifest
 
     def set_status(status: str, **extra: Any) -> None:
         manifest.update(status=status, updated=now(), **extra)
         folder.write_manifest(manifest)
 
     try:
-        _write_reference(run)
-        for unit in units(config):
-            _run_unit(run, unit)
+        if procs.world_size == 1:
+            claims.claim_all(lanes(config))
+            for unit in units(config):
+                run.cancel = claims.cancel_for((unit.method.name, unit.seed), cancel)
+                _run_unit(run, unit)
+        else:
+            _run_lanes(run, claims, cancel)
+        run.cancel = cancel
     except (Cancelled, KeyboardInterrupt):
+        lost = [f"{m} seed {s}" for (m, s) in list(claims.held) if claims.lost((m, s))]
+        if lost and not (cancel is not None and cancel.is_set()):
+            set_status("failed", error=f"another process took over {', '.join(lost)}")
+            claims.leave()
+            raise RuntimeError(f"another process took over {', '.join(lost)} of {str(folder.root)!r} (this "
+                               f"process's heartbeat was older than {claim_timeout:g} s)") from None
         set_status("cancelled")
         run.result.status = "cancelled"
-        if render:
+        claims.leave()
+        if render and procs.world_size == 1:
             run.result.report = _render_report(folder.root)
         raise
     except BaseException as e:
         set_status("failed", error=f"{type(e).__name__}: {e}")
+        claims.leave()
         raise
-    set_status("complete")
-    run.result.status = "complete"
-    n = config.n_units()
-    report(progress, ProgressEvent(phase="chain", step=n, total=n, message="complete", extra={"stage": "complete"}))
-    if render:
-        run.result.report = _render_report(folder.root)
+    try:
+        run.result.status = "complete"
+        if procs.world_size > 1:
+            run.result.verdicts = _verdicts_on_disk(run)
+        if procs.world_size == 1 or claims.claim_report():  # exactly one process finishes the run
+            set_status("complete")
+            n = config.n_units()
+            report(progress, ProgressEvent(phase="chain", step=n, total=n, message="complete",
+                                           extra={"stage": "complete"}))
+            if render:
+                run.result.report = _render_report(folder.root)
+    finally:
+        claims.leave()
     return run.result
 
 
-def _write_reference(run: _Run) -> None:
-    """D0 as used, its captions and statistics; the run's feature set and D0's summary (read back from the PNGs)."""
-    folder = run.folder
-    for c, im in enumerate(run.reference):
-        if not folder.reference_image(c).exists():
-            save_png(folder.reference_image(c), im)
-    if not folder.reference_captions_json.exists():
-        write_json(folder.reference_captions_json, run.captions)
-    run.features = run.backend.feature_extractor(run.config.features)
-    run.reference_summary = _summary_of(run, [folder.reference_image(c) for c in range(len(run.reference))])
-    if not folder.reference_metrics_json.exists():
-        stats = run.backend.image_statistics(run.reference_summary)
-        write_json(folder.reference_metrics_json, {"metrics": _floats(stats)})
+def lanes(config: ChainConfig) -> list[tuple[str, int]]:
+    """The (method, seed) pairs of a run, each run through its iterations by one process: method, then seed order."""
+    return [(m.name, s) for m in config.methods for s in config.seeds]
 
 
-def _summary_of(run: _Run, paths: list[Path]) -> Any:
-    """The summary of a set on disk, read in generation-sized batches (the batching its summary was built with)."""
-    return run.backend.summary_from_pngs(paths, batch_size=run.config.batch_size, cancel=run.cancel,
-                                         features=run.features)
+def _lane_done(run: _Run, lane: tuple[str, int]) -> bool:
+    return all(run.folder.is_done(lane[0], lane[1], i) for i in range(run.config.iterations))
 
 
-def _run_unit(run: _Run, unit: Unit) -> None:
-    folder, m, S, i = run.folder, unit.method.name, unit.seed, unit.iteration
-    check_cancel(run.cancel)
-    if folder.is_done(m, S, i):
-        run.stage(unit, "done")
-        _record_verdict(run.result, m, S, folder.read_metrics(m, S, i))
-        return
-    folder.clear_iteration(m, S, i)  # partial iteration from an interrupted run: redo it from scratch
-    lora = _train(run, unit)
-    check_cancel(run.cancel)
-    generated = _generate(run, unit, lora)
-    check_cancel(run.cancel)
-    record = _measure(run, unit, generated)
-    folder.mark_done(m, S, i, now())
-    _record_verdict(run.result, m, S, record)
-    run.stage(unit, "verdict", step=unit.index + 1, message=record["verdict"]["label"])
+def _run_lanes(run: _Run, claims: Claims, cancel: Optional[CancelFlag]) -> None:
+    """Several processes: claim one unfinished lane at a time (rank r looks from lane r on), run its iterations,
+    release it; wait for lanes others hold (taking over stale ones) until every lane is DONE."""
+    procs = claims.procs
+    all_lanes = lanes(run.config)
+    k = procs.rank % len(all_lanes)
+    order = all_lanes[k:] + all_lanes[:k]
+    poll = max(0.05, min(claims.timeout / 4.0, 5.0))
+    while True:
+        check_cancel(cancel)
+        pending = [lane for lane in order if not _lane_done(run, lane)]
+        if not pending:
+            return
+        lane = next((ln for ln in pending if claims.claim(ln)), None)
+        if lane is None:  # every unfinished lane is held by a live process: wait (and take over if one dies)
+            time.sleep(poll)
+            continue
+        log.info("%s runs %s seed %d", procs.label, *lane)
+        run.cancel = claims.cancel_for(lane, cancel)
+        try:
+            for unit in units(run.config):
+                if (unit.method.name, unit.seed) == lane:
+                    _run_unit(run, unit)
+        except Cancelled:
+            if claims.lost(lane) and not (cancel is not None and cancel.is_set()):
+                claims.release(lane)
+                continue
+            raise
+        finally:
+            run.cancel = cancel
+        claims.release(lane)
 
 
-def _training_set(run: _Run, unit: Unit) -> Any:
-    """D_i: the user's images for iteration 0, else the previous iteration's PNGs read back as 8-bit images."""
-    if unit.iteration == 0:
-        return run.backend.make_dataset(list(run.reference), list(run.captions))
-    from PIL import Image
-
-    prev = (unit.method.name, unit.seed, unit.iteration - 1)
-    images = [Image.fromarray(read_png(p)) for p in run.folder.iteration_images(*prev)]
-    return run.backend.make_dataset(images, run.folder.read_captions(*prev))
-
-
-def _train(run: _Run, unit: Unit) -> Any:
-    """LoRA_i on D_i, saved and read back (sampling uses exactly what a resumed run would read)."""
-    folder, config, m, S, i = run.folder, run.config, unit.method.name, unit.seed, unit.iteration
-    d_i = _training_set(run, unit)
-    run.stage(unit, "training")
-    init = None
-    if config.protocol == "continue" and i > 0:
-        init = run.backend.load_lora(folder.lora_path(m, S, i - 1))
-    tcfg = dataclasses.replace(config.train, cond_drop=float(unit.method.cond_drop or 0.0),
-                               seed=train_seed(getattr(config.train, "seed", 0), S, i))
-    t0 = time.perf_counter()
-    tres = run.backend.finetune(run.pipeline, d_i, tcfg, progress=run.nested(unit), cancel=run.cancel, init_lora=init)
-    n_train = len(d_i.captions)
-    del d_i
-    run.backend.save_lora(tres.lora, folder.lora_path(m, S, i))
-    write_json(folder.train_json(m, S, i), {
-        "losses": [float(x) for x in tres.losses],
-        "seconds": float(getattr(tres, "seconds", time.perf_counter() - t0)),
-        "seed": tcfg.seed, "cond_drop": tcfg.cond_drop, "protocol": config.protocol, "dataset_size": n_train,
-    })
-    return run.backend.load_lora(folder.lora_path(m, S, i))
+def _verdicts_on_disk(run: _Run) -> dict[str, dict[int, list[str]]]:
+    """Verdict labels of every DONE iteration (all processes' work), method/seed/iteration order."""
+    out: dict[str, dict[int, list[str]]] = {}
+    for unit in sorted(units(run.config), key=lambda u: (u.method.name, u.seed, u.iteration)):
+        m, s, i = unit.method.name, unit.seed, unit.iteration
+        if run.folder.is_done(m, s, i):
+            _record_verdict_to(out, m, s, run.folder.read_metrics(m, s, i))
+    return {m.name: out[m.name] for m in run.config.methods if m.name in out}
 
 
-def _batches(run: _Run, unit: Unit, prompts: list[str], seeds: list[int], lora: Any) -> Iterator[tuple[list[int], Any]]:
-    """(indices, float images) per batch: ``generate_batches`` when the backend has it, else ``generate`` per chunk
-    (per-image seeds make the images independent of the batching)."""
-    (width, height), config, b = run.size, run.config, run.config.batch_size
-    kw = dict(steps=config.steps, negative_prompt=config.negative_prompt, sampler=config.sampler, width=width,
-              height=height, batch_size=b, lora=lora, lora_scale=config.lora_scale, iteration=unit.iteration,
-              progress=run.nested(unit), cancel=run.cancel)
-    if run.backend.generate_batches is not None:
-        stream = run.backend.generate_batches(run.pipeline, prompts, unit.method.guidance, seeds=seeds, **kw)
-        with contextlib.closing(stream):  # closing it removes the LoRA at once, also on error or cancel
-            for idx, images in stream:
-                yield list(idx), images
-        return
-    for start in range(0, len(prompts), b):
-        idx = list(range(start, min(start + b, len(prompts))))
-        yield idx, run.backend.generate(run.pipeline, [prompts[j] for j in idx], unit.method.guidance,
-                                        seeds=[seeds[j] for j in idx], **kw)
+_ERRORS = {c.__name__: c for c in (ValueError, FileExistsError, FileNotFoundError, PermissionError, RuntimeError)}
 
 
-def _generate(run: _Run, unit: Unit, lora: Any) -> Any:
-    """D_{i+1}, streamed: each batch is written as PNGs and added to the set's summary, then dropped."""
-    from PIL import Image
-
-    folder, m, S, i = run.folder, unit.method.name, unit.seed, unit.iteration
-    n, ipc = len(run.captions), run.config.images_per_caption
-    prompts = [run.captions[c] for c in range(n) for _ in range(ipc)]
-    names = [folder.image_name(c, k) for c in range(n) for k in range(ipc)]  # sorted order == generation order
-    seeds = [image_seed(S, c, k) for c in range(n) for k in range(ipc)]
-    run.stage(unit, "sampling")
-    summary = run.backend.new_summary(features=run.features)
-    written = 0
-    with contextlib.closing(_batches(run, unit, prompts, seeds, lora)) as batches:
-        for idx, images in batches:
-            u8 = _to_uint8(images)
-            del images
-            if u8.shape[0] != len(idx) or (idx and idx[0] != written):
-                raise RuntimeError(f"generation returned images {idx[:1]}.. ({u8.shape[0]} images) after {written}; "
-                                   f"expected them in order, {len(names)} in all")
-            for j, arr in zip(idx, u8):
-                save_png(folder.images_dir(m, S, i) / names[j], Image.fromarray(arr))
-            summary.add(u8, cancel=run.cancel)
-            written += len(idx)
-    if written != len(names):
-        raise RuntimeError(f"generation returned {written} images, expected {len(names)}")
-    write_json(folder.captions_json(m, S, i), prompts)
-    return summary
-
-
-def _measure(run: _Run, unit: Unit, generated: Any) -> dict:
-    """metrics.json of D_{i+1} against D0 and D_i, with the verdict against the unit's own iteration 0."""
-    folder, config, m, S, i = run.folder, run.config, unit.method.name, unit.seed, unit.iteration
-    run.stage(unit, "metrics")
-    previous = run.reference_summary if i == 0 else _summary_of(run, folder.iteration_images(m, S, i - 1))
-    raw = run.backend.set_metrics(generated, run.reference_summary, previous, features=run.features,
-                                  progress=run.nested(unit), cancel=run.cancel)
-    features = str(raw.get("features", config.features))
-    metrics = _floats(raw)
-    base = metrics if i == 0 else folder.read_metrics(m, S, 0)["metrics"]
-    v = run.backend.verdict(metrics, base)
-    record = {
-        "method": m, "seed": S, "iteration": i, "metrics": metrics,
-        "verdict": {"label": str(v.label), "reasons": [str(r) for r in v.reasons]}, "features": features,
-    }
-    write_json(folder.metrics_json(m, S, i), record)
-    if run.manifest.get("features") != features:
-        run.manifest.update(features=features, updated=now())
-        folder.write_manifest(run.manifest)
-    return record
-
-
-def _record_verdict(result: ChainResult, method: str, seed: int, record: dict) -> None:
-    labels = result.verdicts.setdefault(method, {}).setdefault(int(seed), [])
-    labels.append(str(record.get("verdict", {}).get("label", "")))
+def _start(run: _Run, procs: Processes, resume: bool, overwrite: bool, timeout: float) -> Claims:
+    """Open the run on rank 0 (checks, claims, manifest, D0), share the outcome, check every process agrees with
+    run.json, and start this process's heartbeat. One process: the same steps without collectives."""
+    folder, fresh = run.folder, run.manifest
+    hosts = procs.all_gather(procs.host)
+    launch = new_launch_id() if procs.is_main else ""
+    error: Optional[BaseException] = None
+    claims: Optional[Claims] = None
+    if procs.is_main:
+        claims = Claims(folder, procs, launch, timeout, hosts)
+        try:
+            claims.enter()
+        except BaseException as e:
+            error, claims = e, None
+        if claims is not None:
+            try:
+                claims.reset()
+                run.manifest = open_run(folder, fresh, run.reference, resume, overwrite)
+                folder.root.mkdir(parents=True, exist_ok=True)
+                folder.write_manifest(run.manifest)
+                try:
+                    _write_reference(run)
+                except (Cancelled, KeyboardInterrupt):
+                    run.manifest.update(status="cancelled", updated=now())
+                    folder.write_manifest(run.manifest)
+                    raise
+                except BaseException as e:
+                    run.manifest.update(status="failed", updated=now(), error=f"{type(e).__name__}: {e}")
+                    folder.write_manifest(run.manifest)
+                    raise
+            except BaseException as e:
+                error = e
+                claims.leave()
+    shared = procs.broadcast((launch, run.manifest if procs.is_main else None,
+                              None if error is None else (type(error).__name__, str(error).splitlines()[0])))
+    if error is not None:
+        raise error
+    launch, manifest, err = shared
+    if err is not None:
+        raise _ERRORS.get(err[0], RuntimeError)(err[1])
+    if not procs.is_main:
+        run.manifest = manifest
+    stored = {"config": manifest.get("config"), "dataset": manifest.get("dataset"),
+              "pipeline": {"kind": (manifest.get("pipeline") or {}).get("kind")}, "size": manifest.get("size")}
+    mine = {"config": fresh["config"], "dataset": fresh["dataset"], "pipeline": {"kind": fresh["pipeline"]["kind"]},
+            "size": fresh["size"]}
+    diffs = procs.all_gather(config_diff(stored, mine))
+    bad = [(r, d) for r, d in enumerate(diffs) if d]
+    if bad:
+        if claims is not None:
+            claims.leave()
+        r, d = bad[0]
+        raise ValueError(f"process rank {r} (host {hosts[r]!r}) disagrees with run.json of {str(folder.root)!r} in "
+                         f"{', '.join(d)}: every process of a launch must be given the same config, dataset and model")
+    if claims is None:
+        claims = Claims(folder, procs, launch, timeout, hosts)
+        claims.enter()
+        _write_reference(run)  # D0's files exist (rank 0 wrote them): read back for the summaries
+    procs.barrier()
+    claims.start()
+    return claims

@@ -62,7 +62,7 @@ def check_run_folder(run_dir: Union[str, Path], resume: bool = False, overwrite:
     root = folder.root
     if root.exists() and not root.is_dir():
         raise ValueError(f"run folder {str(root)!r} is a file, not a folder")
-    non_empty = root.is_dir() and any(root.iterdir())
+    non_empty = root.is_dir() and any(p.name != "claims" for p in root.iterdir())  # claims/: see claims.py
     if overwrite:
         if non_empty and not folder.exists():
             raise ValueError(f"refusing to overwrite {str(root)!r}: it is not a chain run folder (no run.json); "
