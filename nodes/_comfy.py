@@ -203,7 +203,8 @@ def native_sd1_tensors(model: Any, clip: Any, vae: Any) -> tuple[dict, str]:
 
     - weight patches on the MODEL or CLIP (LoraLoader and friends): a loaded patched model has its weights replaced;
     - a MODEL loaded partially (lowvram): some weights live elsewhere or are cast on the fly;
-    - weights stored in another dtype than they compute in (manual cast, fp8);
+    - (in ``share_weights``) weights in a dtype torch modules cannot compute in (fp8); ComfyUI's manual cast
+      (weights stored in bf16, computed in fp32) is fine: the stored tensors are what we share;
     - a model type other than epsilon or v prediction, or a CLIP that is not SD1.x's single clip_l.
 
     ComfyUI is first asked to unload these models (they go to their offload device, unpatched).
@@ -218,9 +219,6 @@ def native_sd1_tensors(model: Any, clip: Any, vae: Any) -> tuple[dict, str]:
         free_memory(0, device, evict=native_modules(model, clip, vae))
     if getattr(base, "model_lowvram", False):
         raise ValueError("the MODEL is partially loaded (lowvram); its weights cannot be shared")
-    if getattr(base, "manual_cast_dtype", None) is not None:
-        raise ValueError(f"the MODEL stores its weights in {getattr(base, 'get_dtype', lambda: '?')()} and computes in "
-                         f"{base.manual_cast_dtype}; sharing needs weights stored in the dtype they compute in")
     model_type = getattr(getattr(base, "model_type", None), "name", None)
     prediction = {"EPS": "epsilon", "V_PREDICTION": "v_prediction"}.get(model_type)
     if prediction is None:

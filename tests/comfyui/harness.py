@@ -55,8 +55,10 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, extra_packs: dict[str, Path] | None = None, workdir: Path | None = None):
+    def __init__(self, extra_packs: dict[str, Path] | None = None, workdir: Path | None = None,
+                 extra_args: tuple[str, ...] = ()):
         self.root = comfyui_root()
+        self.extra_args = tuple(extra_args)  # more ComfyUI flags, e.g. ("--bf16-unet",)
         self.tmp = Path(workdir or tempfile.mkdtemp(prefix="redifine_comfy_"))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -107,7 +109,7 @@ class ComfyServer:
                "--extra-model-paths-config", str(self.yaml), "--output-directory", str(self.tmp / "output"),
                "--input-directory", str(self.tmp / "input"), "--temp-directory", str(self.tmp / "temp"),
                "--user-directory", str(self.tmp / "user"), "--database-url", "sqlite:///:memory:",
-               "--disable-api-nodes", "--log-stdout"]
+               "--disable-api-nodes", "--log-stdout", *self.extra_args]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=self.root, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
@@ -148,6 +150,24 @@ class ComfyServer:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    # --- host memory of the server process (Linux /proc) ---
+    def memory(self) -> dict[str, int]:
+        """The server's current and peak resident set size in bytes: {"rss": VmRSS, "peak": VmHWM}."""
+        fields = {}
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields["rss" if key == "VmRSS" else "peak"] = int(value.split()[0]) * 1024
+        return fields
+
+    def reset_peak(self) -> bool:
+        """Reset the peak RSS (VmHWM) to the current RSS; False where the kernel refuses."""
+        try:
+            Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
+            return True
+        except OSError:
+            return False
 
     # --- HTTP ---
     def get(self, path: str, timeout: float = 30):

@@ -15,7 +15,7 @@ from harness import PACK_FOLDER, load_workflow
 
 NODE_IDS = ("ReDiFineLoadPipeline", "ReDiFineDataset", "ReDiFineTrainLoRA", "ReDiFineGenerate",
             "ReDiFineCFGScheduleModel", "ReDiFinePlotSchedule", "ReDiFineChain", "ReDiFineCollapseMetrics",
-            "ReDiFinePipelineToNative")
+            "ReDiFinePipelineToNative", "ReDiFinePipelineFromNative")
 WORKFLOWS = ("collapse_cfg_sweep", "redifine_chain", "train_then_ksampler", "schedule_explorer")
 VERDICT_RE = re.compile(r"stable|drifting to blur|drifting to over-guidance")
 

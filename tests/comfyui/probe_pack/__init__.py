@@ -72,3 +72,65 @@ class ReDiFineTestNativeParity:
 
 NODE_CLASS_MAPPINGS = {"ReDiFineTestUncondProbe": ReDiFineTestUncondProbe,
                        "ReDiFineTestNativeParity": ReDiFineTestNativeParity}
+
+
+class ReDiFineTestMemory:
+    """Where a pipeline's weights are and whether they are a stock MODEL/CLIP/VAE's very memory; warms imports.
+
+    ``after`` only orders this node after another (e.g. a training node's lora_name output).
+    """
+
+    CATEGORY = "ReDiFine/testing"
+    FUNCTION = "check"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}, "optional": {"pipeline": ("REDIFINE_PIPELINE",), "model": ("MODEL",),
+                                             "clip": ("CLIP",), "vae": ("VAE",), "after": ("*",)}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, input_types=None):
+        return True
+
+    def check(self, pipeline=None, model=None, clip=None, vae=None, after=None):
+        import diffusers  # noqa: F401  (so that a later node's import costs no RSS in the measurement)
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+        from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
+        from transformers import CLIPTextModel  # noqa: F401
+
+        import comfy.model_management as mm
+
+        out = {"offload_device": str(mm.unet_offload_device()), "torch_device": str(mm.get_torch_device())}
+        if pipeline is not None:
+            out["devices"] = sorted({str(p.device) for m in pipeline.modules() for p in m.parameters()})
+            out["pipeline_device"] = str(pipeline.device)
+            out["dtypes"] = {name: str(getattr(pipeline, name).dtype) for name in ("unet", "vae", "text_encoder")}
+        natives = [m for m in (getattr(model, "model", None), getattr(getattr(clip, "patcher", None), "model", None),
+                               getattr(getattr(vae, "patcher", None), "model", None)) if m is not None]
+        if pipeline is not None and natives:
+            ranges = []
+            for m in natives:
+                for t in list(m.parameters()) + list(m.buffers()):
+                    s = t.untyped_storage()
+                    ranges.append((s.data_ptr(), s.data_ptr() + s.nbytes()))
+            ranges.sort()
+            import bisect
+
+            starts = [r[0] for r in ranges]
+            shared = total = 0
+            for m in pipeline.modules():
+                for p in m.parameters():
+                    n = p.numel() * p.element_size()
+                    total += n
+                    i = bisect.bisect_right(starts, p.data_ptr()) - 1
+                    if i >= 0 and p.data_ptr() + n <= ranges[i][1]:
+                        shared += n
+            out["shared_bytes"], out["pipeline_bytes"] = shared, total
+        text = json.dumps(out)
+        return {"ui": {"text": [text]}, "result": (text,)}
+
+
+NODE_CLASS_MAPPINGS["ReDiFineTestMemory"] = ReDiFineTestMemory
