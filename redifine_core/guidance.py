@@ -43,18 +43,13 @@ Value rules (our choice): every number must be finite; guidance scales lie in [0
 unconditional prediction, values in (0, 1) interpolate towards it, 1 is the conditional prediction alone; negative
 guidance is refused); progress arguments lie in [0, 1]; rates are >= 0.
 
-PRESETS (our reading of the paper, NOT the paper's formula, which is unknown; see docs/schedules.md):
+PRESETS: every reading of ReDiFine's schedule (the paper's formula is unknown) is a named preset; the table, with
+each reading's source, lives in ``presets.py`` and docs/schedules.md says why each default was chosen:
 
-    redifine            = exp(7.5, 1, 3)             redifine(w_start, w_end, rate) overrides them positionally
-    redifine_chain      = chain_decay(7.5, 5, 0.5)   redifine_chain(w_start, w_end, rate) likewise
-
-Why: the paper's reviewers describe ReDiFine's schedule as "decayed CFG scaling during sampling" with "CFG scales
-and decay rates", and report method CFG values of 5 to 10. We read that as an exponential decay over the denoising
-steps that starts at a usual high scale (7.5, the middle of 5-10) and approaches 1 (guidance off), the regime where
-late steps no longer add over-guidance artefacts. Rate 3 leaves e^-3 = 5% of the excess guidance at the last step
-(w = 1.32) and makes the mean scale over the steps about 3.1. One reviewer instead says the scale is adjusted
-"along the chain": ``redifine_chain`` is that reading, a constant scale per generation decaying from 7.5 towards
-5 (the bottom of the reported range) by a factor e^-0.5 = 0.61 of the excess per iteration.
+    redifine            = exp(7.5, 1, 3)             reviewers: decaying over the denoising steps
+    redifine_chain      = chain_decay(7.5, 5, 0.5)   reviewers: decaying along the chain
+    redifine_rising     = linear(2, 7.5)             the brief: low CFG first, then high, over the denoising steps
+    redifine_alternate  = cycle(2, 7.5)              the brief: low and high alternating along the chain
 
 Schedules are immutable and hashable; equality is structural (two schedules are equal when their canonical
 ``spec`` is equal), so ``exp(7.5, 1, 3)`` equals the expanded ``redifine`` preset. ``parse_schedule(s.spec) == s``.
@@ -71,6 +66,7 @@ from functools import lru_cache
 from typing import Callable, Optional, Sequence, Union
 
 from .bounds import MAX_CFG, check as check_bound
+from .presets import PRESET_DEFS as _PRESET_DEFS
 
 __all__ = [
     "Schedule",
@@ -100,9 +96,9 @@ FORMS: dict[str, str] = {
     "cycle(s0, s1, ...)": "chain axis: iteration i uses s[i mod n]",
     "by_iter(s0, s1, ...)": "chain axis: iteration i uses s[i], the last one after the list ends",
     "chain_decay(w_start, w_end, rate)": "chain axis: constant w_end + (w_start-w_end)*exp(-rate*i) at iteration i",
-    "redifine | redifine(w_start, w_end, rate)": "preset, our reading of the paper: exp(7.5, 1, 3)",
-    "redifine_chain | redifine_chain(w_start, w_end, rate)": "preset, chain-axis reading: chain_decay(7.5, 5, 0.5)",
 }
+FORMS.update({f"{p.name} | {p.name}({', '.join(p.params)})": f"preset, {p.shape}: {p.expansion}"
+              for p in _PRESET_DEFS.values()})
 
 _AVAILABLE = "available forms: " + "; ".join(FORMS)
 
@@ -193,7 +189,7 @@ class Schedule:
 
 
 def _preset_note(preset: Optional[str]) -> str:
-    return f"preset {preset!r} (our reading of the paper, not its formula): " if preset else ""
+    return _PRESET_DEFS[preset].note if preset else ""
 
 
 @dataclass(frozen=True, repr=False)
@@ -215,6 +211,7 @@ class Constant(Schedule):
 class Linear(Schedule):
     a: float
     b: float
+    preset: Optional[str] = field(default=None, compare=False)
 
     @property
     def spec(self) -> str:
@@ -224,7 +221,8 @@ class Linear(Schedule):
         return self.a + (self.b - self.a) * p
 
     def describe(self) -> str:
-        return f"linear from w = {_fmt(self.a)} at the first step to w = {_fmt(self.b)} at the last"
+        return (_preset_note(self.preset)
+                + f"linear from w = {_fmt(self.a)} at the first step to w = {_fmt(self.b)} at the last")
 
 
 @dataclass(frozen=True, repr=False)
@@ -306,6 +304,7 @@ class Keys(Schedule):
 @dataclass(frozen=True, repr=False)
 class Cycle(Schedule):
     items: tuple[Schedule, ...]
+    preset: Optional[str] = field(default=None, compare=False)
     is_chain_axis = True
 
     @property
@@ -316,7 +315,8 @@ class Cycle(Schedule):
         return self.items[_check_iteration(iteration) % len(self.items)]
 
     def describe(self) -> str:
-        return f"per chain iteration, cycling through {len(self.items)}: " + "; ".join(s.spec for s in self.items)
+        return (_preset_note(self.preset) + f"per chain iteration, cycling through {len(self.items)}: "
+                + "; ".join(s.spec for s in self.items))
 
 
 @dataclass(frozen=True, repr=False)
@@ -557,9 +557,11 @@ class _Builder:
                                              f"{len(node.args)}: missing {names[len(node.args)]!r}")
 
     # forms -----------------------------------------------------------------------------------------------------
-    def two_scales(self, node: _Call, cls):
-        self.arity(node, ("a", "b"))
-        return cls(self.scale_value(node.args[0], node.name, "a"), self.scale_value(node.args[1], node.name, "b"))
+    def two_scales(self, node: _Call, cls, names=("a", "b"), preset=None):
+        self.arity(node, names)
+        form = preset or node.name
+        a, b = (self.scale_value(x, form, n) for x, n in zip(node.args, names))
+        return cls(a, b, preset=preset) if preset else cls(a, b)
 
     def exp(self, node: _Call, names=("a", "b", "rate"), preset=None) -> Exp:
         self.arity(node, names)
@@ -592,7 +594,7 @@ class _Builder:
             points.append((p, w))
         return Keys(tuple(points))
 
-    def items(self, node: _Call, cls):
+    def items(self, node: _Call, cls, names=(), preset=None):
         if not node.args:
             raise self.error(node.close_pos,
                              f"{node.name} takes at least one per-step schedule, e.g. {node.name}(7.5, 3)")
@@ -603,7 +605,7 @@ class _Builder:
                 raise self.error(arg.pos, f"{node.name} item {k + 1} is itself a chain-axis schedule: "
                                           "the items must be per-step schedules")
             out.append(s)
-        return cls(tuple(out))
+        return cls(tuple(out), preset=preset) if preset else cls(tuple(out))
 
     def chain_decay(self, node: _Call, names=("w_start", "w_end", "rate"), preset=None) -> ChainDecay:
         self.arity(node, names)
@@ -613,14 +615,17 @@ class _Builder:
                           self.rate_value(r, form, names[2]), preset=preset)
 
     def preset(self, node: _Call) -> Schedule:
-        form, names, defaults = _PRESET_DEFS[node.name]
+        p = _PRESET_DEFS[node.name]
+        form, names, defaults = p.form, p.params, p.defaults
         if len(node.args) > len(names):
             raise self.error(node.args[len(names)].pos, f"preset {node.name} takes at most {len(names)} argument(s), "
                                                         f"{node.name}({', '.join(names)}); got {len(node.args)}")
         filled = list(node.args) + [_Num(v, node.pos) for v in defaults[len(node.args):]]
         expanded = _Call(form, node.pos, tuple(filled), True, node.close_pos)
-        builder = {"exp": _Builder.exp, "chain_decay": _Builder.chain_decay}[form]
-        return builder(self, expanded, names=names, preset=node.name)
+        builders = {"exp": _Builder.exp, "chain_decay": _Builder.chain_decay,
+                    "linear": lambda b, n, **kw: b.two_scales(n, Linear, **kw),
+                    "cycle": lambda b, n, **kw: b.items(n, Cycle, **kw)}
+        return builders[form](self, expanded, names=names, preset=node.name)
 
 
 _BUILDERS: dict[str, Callable[[_Builder, _Call], Schedule]] = {
@@ -633,13 +638,6 @@ _BUILDERS: dict[str, Callable[[_Builder, _Call], Schedule]] = {
     "by_iter": lambda b, n: b.items(n, ByIter),
     "chain_decay": lambda b, n: b.chain_decay(n),
 }
-
-# name -> (form it expands to, parameter names, defaults). Our choice, not the paper's: see the module docstring.
-_PRESET_DEFS: dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
-    "redifine": ("exp", ("w_start", "w_end", "rate"), (7.5, 1.0, 3.0)),
-    "redifine_chain": ("chain_decay", ("w_start", "w_end", "rate"), (7.5, 5.0, 0.5)),
-}
-
 
 @lru_cache(maxsize=512)
 def _parse_text(spec: str) -> Schedule:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from redifine_core.guidance import PRESETS, Schedule, ScheduleSyntaxError, parse_schedule
+from redifine_core.guidance import FORMS, PRESETS, Schedule, ScheduleSyntaxError, parse_schedule
 
 
 def approx(x):
@@ -219,9 +219,48 @@ def test_redifine_chain_preset_decays_along_the_chain():
     assert parse_schedule("redifine_chain(10, 3, 1)") == parse_schedule("chain_decay(10, 3, 1)")
 
 
+def test_brief_rising_preset_increases_over_the_denoising_steps():
+    s = parse_schedule("redifine_rising")
+    assert s.spec == PRESETS["redifine_rising"] == "linear(2, 7.5)"
+    v = s.values(12)
+    assert v[0] == 2 and v[-1] == 7.5 and all(a < b for a, b in zip(v, v[1:]))  # low first, then high
+    assert not s.is_chain_axis
+    assert parse_schedule("redifine_rising(1.5)") == parse_schedule("linear(1.5, 7.5)")
+    # the mirror image of the reviewers' reading: redifine decays where this one rises
+    d = parse_schedule("redifine").values(12)
+    assert d[0] > d[-1] and v[0] < v[-1]
+
+
+def test_brief_alternate_preset_alternates_along_the_chain():
+    s = parse_schedule("redifine_alternate")
+    assert s.spec == PRESETS["redifine_alternate"] == "cycle(2, 7.5)"
+    assert s.is_chain_axis
+    per_iter = [s.values(4, iteration=i) for i in range(5)]
+    assert per_iter == [[2.0] * 4, [7.5] * 4, [2.0] * 4, [7.5] * 4, [2.0] * 4]
+    assert parse_schedule("redifine_alternate(3, 10)") == parse_schedule("cycle(3, 10)")
+    with pytest.raises(ScheduleSyntaxError, match="at most 2 argument"):
+        parse_schedule("redifine_alternate(1, 2, 3)")
+    with pytest.raises(ScheduleSyntaxError, match="w_high"):
+        parse_schedule("redifine_rising(2, -1)")
+
+
+def test_every_preset_names_its_source_and_matches_the_table():
+    from redifine_core.presets import PRESET_TABLE
+
+    assert [p.name for p in PRESET_TABLE] == list(PRESETS)
+    for p in PRESET_TABLE:
+        s = parse_schedule(p.name)
+        assert s.spec == p.expansion == PRESETS[p.name]
+        assert s.is_chain_axis == (p.axis == "chain")
+        d = s.describe()
+        assert p.source in d and "not the paper's formula" in d
+        assert any(k.startswith(p.name + " |") for k in FORMS)
+
+
 def test_describe_is_one_line_for_every_form():
     for spec in ["7.5", "1", "linear(7,1)", "cosine(7,1)", "exp(7,1,2)", "interval(5,0.2,0.8)", "keys(0:3,1:1)",
-                 "cycle(1,2)", "by_iter(3,linear(2,1))", "chain_decay(7,5,1)", "redifine", "redifine_chain"]:
+                 "cycle(1,2)", "by_iter(3,linear(2,1))", "chain_decay(7,5,1)", "redifine", "redifine_chain",
+                 "redifine_rising", "redifine_alternate"]:
         d = parse_schedule(spec).describe()
         assert d and "\n" not in d
     assert "w = 5" in parse_schedule("interval(5,0.2,0.8)").describe()
