@@ -226,25 +226,29 @@ def run_model(a: argparse.Namespace) -> tuple[list[list[str]], list[str]]:
     for phase in a.phases:
         res = {}
         for impl in ("ours", "ref"):
+            if impl not in a.impls:
+                res[impl] = {"error": "not run"}
+                continue
             print(f"{a.model} {phase} {impl} ...", flush=True)
             res[impl] = _child(["--_phase", phase, "--_impl", impl, *common], a.timeout)
             print(f"  {json.dumps(res[impl])}", flush=True)
         o, r = res["ours"], res["ref"]
         setting = (f"{o.get('dtype', a.dtype)}" + ("" if phase == "load" else f", {a.size} px"))
+        if phase == "load" and "error" not in o:
+            larger = max(o["file"], o["weights"])
+            ratio = o["peak_rss"] / larger
+            ref_txt = f"{r['peak_rss'] / larger:.2f}x" if "error" not in r else "not run"
+            notes.append(f"{a.model} load target ({o['dtype']} from the {o['file'] / GB:.2f} GB fp16 file, "
+                         f"{o['weights'] / GB:.2f} GB loaded): peak RSS {o['peak_rss'] / GB:.2f} GB = {ratio:.2f}x the "
+                         f"larger (target <= 1.3x: {'meets' if ratio <= 1.3 else 'MISSES'}); diffusers' "
+                         f"from_single_file: {ref_txt}")
         if "error" in o or "error" in r:
-            rows.append([a.model, phase, setting, unit, o.get("error", _fmt(o.get(key))), r.get("error", _fmt(r.get(key))),
-                         "", ""])
+            rows.append([a.model, phase, setting, unit, o.get("error") or _fmt(o.get(key)),
+                         r.get("error") or _fmt(r.get(key)), "", ""])
             continue
         growth = "" if phase == "load" or a.device == "cuda" else \
             f"+{(o['peak_rss'] - o['base_rss']) / GB:.2f} / +{(r['peak_rss'] - r['base_rss']) / GB:.2f}"
         rows.append([a.model, phase, setting, unit, _fmt(o[key]), _fmt(r[key]), f"{o[key] / r[key]:.3f}", growth])
-        if phase == "load":
-            larger = max(o["file"], o["weights"])
-            ratio = o["peak_rss"] / larger
-            notes.append(f"{a.model} load target ({o['dtype']} from the {o['file'] / GB:.2f} GB fp16 file, "
-                         f"{o['weights'] / GB:.2f} GB loaded): peak RSS {o['peak_rss'] / GB:.2f} GB = {ratio:.2f}x the "
-                         f"larger (target <= 1.3x: {'meets' if ratio <= 1.3 else 'MISSES'}); diffusers' "
-                         f"from_single_file: {r['peak_rss'] / larger:.2f}x")
     return rows, notes
 
 
@@ -291,7 +295,7 @@ def _write_doc(out: Path, rows: list[list[str]], notes: list[str], machine: str)
         known_rows["|".join(r[:3])] = list(r) + [machine]
     for n in notes:
         known_notes[n.split(" (")[0]] = f"{n} ({machine})"
-    text = "\n".join(["## Memory (`bench/memory.py`)", "",
+    text = "\n".join(["### Figures written by `bench/memory.py`", "",
                       "Each figure from a fresh process; ratios are ours / reference.", "",
                       fs.markdown_table(HEADER + ["machine"], list(known_rows.values())), ""]
                      + [f"- {v}" for v in known_notes.values()])
@@ -308,6 +312,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--size", type=int, default=None, help="px (default 64 on CPU; 512 / 1024 on CUDA)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--phases", default=",".join(PHASES))
+    ap.add_argument("--impls", default="ours,ref", help="ours,ref (ref alone or ours alone to spare memory)")
     ap.add_argument("--toy-chain", action="store_true")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "redifine_bench_models")
     ap.add_argument("--out", type=Path, default=None)
@@ -330,6 +335,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("RESULT " + json.dumps(result), flush=True)
         return 0
     a.phases = [p for p in a.phases.split(",") if p]
+    a.impls = [i for i in a.impls.split(",") if i]
     rows, notes = run_toy(a) if a.toy_chain else run_model(a)
     machine = (torch.cuda.get_device_name() if a.device == "cuda" else
                f"CPU, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB")
