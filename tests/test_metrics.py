@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from redifine_core import metrics as M
+from redifine_core.metrics.verdict import MIN_IMAGES
 from redifine_core.progress import Cancelled, CancelToken
 
 
@@ -353,14 +354,17 @@ def test_verdict_blur_over_guidance_and_stable():
     assert M.verdict(it0, it0) == M.Verdict("stable", ["all metrics within thresholds of iteration 0"])
 
 
+BASE = {"hf_share": 0.2, "laplacian_var": 0.05, "spectral_slope": -2.0, "saturation": 0.3, "colourfulness": 40.0,
+        "clipped_fraction": 0.0, "fid_ref": 0.6}
+
+
 def test_verdict_needs_two_signs_and_names_relative_change():
-    base = {"hf_share": 0.2, "laplacian_var": 0.05, "spectral_slope": -2.0, "saturation": 0.3,
-            "colourfulness": 40.0, "clipped_fraction": 0.0}
+    base = BASE
     one = dict(base, hf_share=0.1)  # -50 % alone
     v = M.verdict(one, base)
     assert v.label == "stable" and "-50%" in v.reasons[0] and "only one sign" in v.reasons[0]
-    # hf_share and laplacian_var measure the same thing: together they are still one sign
-    assert M.verdict(dict(base, hf_share=0.1, laplacian_var=0.02), base).label == "stable"
+    # hf_share and laplacian_var measure the same thing: a moderate move of both is still one sign
+    assert M.verdict(dict(base, hf_share=0.1, laplacian_var=0.03), base).label == "stable"
     assert M.verdict(dict(base, hf_share=0.3, laplacian_var=0.08), base).label == "stable"
     two = dict(base, hf_share=0.1, spectral_slope=-2.5)
     v = M.verdict(two, base)
@@ -371,12 +375,86 @@ def test_verdict_needs_two_signs_and_names_relative_change():
     assert any("+33%" in r for r in v.reasons) and any("+5.0 points" in r for r in v.reasons)
     sharp_flat = dict(base, laplacian_var=0.1, spectral_slope=-1.5)
     assert M.verdict(sharp_flat, base).label == "drifting to over-guidance"
-    # both modes present: the one with more signs wins, the other is listed as "also"
-    mixed = dict(base, hf_share=0.1, spectral_slope=-2.5, saturation=0.4, colourfulness=60.0, clipped_fraction=0.1)
-    v = M.verdict(mixed, base)
+    # one mode with more signs than the other wins; the other's sign is listed as "also"
+    mostly_over = dict(base, hf_share=0.1, saturation=0.4, clipped_fraction=0.1)
+    v = M.verdict(mostly_over, base)
     assert v.label == "drifting to over-guidance" and any(r.startswith("(also: hf_share") for r in v.reasons)
     # missing metrics are skipped rather than failing
-    assert M.verdict({"fid_ref": 3.0}, {"fid_ref": 1.0}).label == "stable"
+    assert M.verdict({"hf_share": 0.1}, {"saturation": 0.3}).label == "stable"
+
+
+def test_a_strong_move_of_one_family_counts_as_two_signs():
+    # the issue's example: baseline-high's Laplacian variance +105 % and HF share +31 %, stripes visible
+    stripes = dict(BASE, laplacian_var=BASE["laplacian_var"] * 2.05, hf_share=BASE["hf_share"] * 1.31)
+    v = M.verdict(stripes, BASE)
+    assert v.label == "drifting to over-guidance"
+    assert any("laplacian_var +105%" in r for r in v.reasons) and any("hf_share +31%" in r for r in v.reasons)
+    # both members must have moved: Laplacian variance alone, however far, stays one sign
+    alone = dict(BASE, laplacian_var=BASE["laplacian_var"] * 2.05, hf_share=BASE["hf_share"] * 1.1)
+    assert M.verdict(alone, BASE).label == "stable"
+    # and the strong one must be STRONG thresholds away: +60 % and +31 % stay one sign
+    moderate = dict(BASE, laplacian_var=BASE["laplacian_var"] * 1.6, hf_share=BASE["hf_share"] * 1.31)
+    assert M.verdict(moderate, BASE).label == "stable"
+    # blur: both sharpness measures collapsing is enough on its own
+    assert M.verdict(dict(BASE, hf_share=0.02, laplacian_var=0.01), BASE).label == "drifting to blur"
+    # saturation and colourfulness are one family too: a moderate rise of both is one sign, a strong one two
+    assert M.verdict(dict(BASE, saturation=0.36, colourfulness=50.0), BASE).label == "stable"
+    assert M.verdict(dict(BASE, saturation=0.5, colourfulness=50.0), BASE).label == "drifting to over-guidance"
+
+
+def test_drift_from_the_data_without_a_mode():
+    worse = dict(BASE, fid_ref=BASE["fid_ref"] * 1.8)  # the full demo: FID vs D0 0.6 -> 1.1
+    v = M.verdict(worse, BASE)
+    assert v.label == "drifting from the data"
+    assert v.reasons[0].startswith("fid_ref +80% vs iteration 0 (0.6 -> 1.08)")
+    # one sign of a mode is listed, not promoted
+    v = M.verdict(dict(worse, hf_share=0.1), BASE)
+    assert v.label == "drifting from the data" and any(r.startswith("(also: hf_share -50%") for r in v.reasons)
+    # below FID_RISE it is stable; a clear mode keeps its label and lists the FID rise
+    assert M.verdict(dict(BASE, fid_ref=BASE["fid_ref"] * 1.2), BASE).label == "stable"
+    v = M.verdict(dict(worse, hf_share=0.1, spectral_slope=-2.5), BASE)
+    assert v.label == "drifting to blur" and any(r.startswith("(also: fid_ref +80%") for r in v.reasons)
+    assert M.verdict({"fid_ref": 3.0}, {"fid_ref": 1.0}).label == "drifting from the data"
+
+
+def test_inconclusive_when_signs_disagree_or_sets_are_small():
+    mixed = dict(BASE, hf_share=0.1, spectral_slope=-2.5, saturation=0.4, clipped_fraction=0.1)
+    v = M.verdict(mixed, BASE)
+    assert v.label == "inconclusive" and v.reasons[0] == "signs disagree: 2 of blur and 2 of over-guidance"
+    assert any(r.startswith("blur: hf_share") for r in v.reasons)
+    assert any(r.startswith("over-guidance: saturation") for r in v.reasons)
+    blur = dict(BASE, hf_share=0.1, spectral_slope=-2.5)
+    v = M.verdict(blur, BASE, n_images=8)
+    assert v.label == "inconclusive"
+    assert v.reasons[0].startswith(f"only 8 images per set: below {MIN_IMAGES}")
+    assert v.reasons[1] == "would read: drifting to blur" and any("steeper" in r for r in v.reasons)
+    # the count may come with the metrics themselves; at MIN_IMAGES the label stands
+    assert M.verdict(dict(blur, n_images=4.0), BASE).label == "inconclusive"
+    assert M.verdict(blur, BASE, n_images=MIN_IMAGES).label == "drifting to blur"
+
+
+def test_the_3_seed_study_reads_as_it_was_measured():
+    """docs/toy-lab.md's 3-seed means (iteration 4 against iteration 0): over-guidance, never blur, for high CFG;
+    drift with no mode for low CFG and redifine (neither showed blur or over-guidance there)."""
+    it0 = {
+        "baseline-low": dict(hf_share=0.0390, laplacian_var=0.00216, saturation=0.542, clipped_fraction=0.00003,
+                             colourfulness=92.6, fid_ref=0.57),
+        "baseline-high": dict(hf_share=0.0272, laplacian_var=0.00207, saturation=0.558, clipped_fraction=0.00015,
+                              colourfulness=97.9, fid_ref=0.66),
+        "redifine": dict(hf_share=0.0244, laplacian_var=0.00183, saturation=0.561, clipped_fraction=0.00004,
+                         colourfulness=95.7, fid_ref=0.62),
+    }
+    it4 = {
+        "baseline-low": dict(hf_share=0.0363, laplacian_var=0.00233, saturation=0.581, clipped_fraction=0.00012,
+                             colourfulness=91.0, fid_ref=1.03),
+        "baseline-high": dict(hf_share=0.0357, laplacian_var=0.00426, saturation=0.584, clipped_fraction=0.0033,
+                              colourfulness=103.2, fid_ref=1.48),
+        "redifine": dict(hf_share=0.0206, laplacian_var=0.00176, saturation=0.610, clipped_fraction=0.00055,
+                         colourfulness=96.6, fid_ref=1.13),
+    }
+    labels = {m: M.verdict(it4[m], it0[m], n_images=48).label for m in it0}
+    assert labels == {"baseline-low": "drifting from the data", "baseline-high": "drifting to over-guidance",
+                      "redifine": "drifting from the data"}
 
 
 def test_verdict_dict_round_trip_and_validation():
