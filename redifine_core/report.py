@@ -1,6 +1,7 @@
 """Plots and the HTML report of a run.
 
     render_report(run_dir) -> Path      # writes metrics.csv, curves.png, grid_<method>.png, report.html
+                                        # (it opens with report_answer.plain_answer, then the verdict table)
     plot_schedule(schedules, steps, path=None, iteration=0) -> PIL.Image.Image
     plot_losses(losses, path=None) -> PIL.Image.Image      # the training-loss curve of the ComfyUI train node
     image_grid(images, rows, labels=None) -> PIL.Image.Image
@@ -27,7 +28,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import atomic
 from .chain.run_folder import IterationRecord, RunData, RunFolder
-from .metrics import FEATURES_HANDCRAFTED, VERDICTS
+from .metrics import FEATURES_HANDCRAFTED
+from .report_answer import VERDICT_COLOURS, plain_answer, verdict_table_html  # noqa: F401 (VERDICT_COLOURS: public)
 
 PathLike = Union[str, Path]
 
@@ -54,7 +56,6 @@ CURVES = (
 )
 """The key metrics plotted in curves.png, in order; a metric no iteration has is left out."""
 
-VERDICT_COLOURS = {"stable": "#2e7d32", "drifting to blur": "#1565c0", "drifting to over-guidance": "#d84315"}
 GRID_ROWS = 4
 """How many caption indices (rows) a grid_<method>.png shows at most, spread evenly over the dataset."""
 TILE = 128
@@ -473,44 +474,8 @@ th{background:#f5f5f5}
 .problem{background:#ffebee;border:1px solid #ef9a9a;padding:8px 12px;border-radius:6px}
 img{max-width:100%;height:auto;border:1px solid #eee}pre{background:#f7f7f7;padding:10px;overflow:auto;font-size:12px}
 .reasons{font-size:12px;color:#444;margin:2px 0 0 0;padding-left:16px}
+.answer{font-size:15px;background:#f1f8e9;border:1px solid #c5e1a5;padding:4px 14px;border-radius:6px;max-width:1100px}
 """
-
-
-def _verdict_span(label: str, reasons: Sequence[str]) -> str:
-    colour = VERDICT_COLOURS.get(label)
-    title = html.escape("\n".join(reasons), quote=True)
-    if colour is None:
-        return f'<span class="v v-pending" title="{title}">{html.escape(label)}</span>'
-    return f'<span class="v" style="background:{colour}" title="{title}">{html.escape(label)}</span>'
-
-
-def _verdict_table(data: RunData) -> str:
-    n_it = data.max_iteration()
-    head = "<tr><th>method</th><th>seed</th>" + "".join(f"<th>iter {i}</th>" for i in range(n_it)) + "</tr>"
-    rows = []
-    seeds = data.seeds or [None]
-    for m in data.methods:
-        for s in seeds:
-            cells = []
-            for i in range(n_it):
-                r = data.record(m, s, i) if s is not None else None
-                if r is None or not r.verdict:
-                    cells.append(f"<td>{_verdict_span('pending', ['not finished yet'])}</td>")
-                    continue
-                label = str(r.verdict.get("label", "?"))
-                reasons = [str(x) for x in r.verdict.get("reasons", [])]
-                extra = "" if r.done else " <small>(not marked DONE)</small>"
-                shown = [x for x in reasons if label != "stable"] if label in VERDICTS else reasons
-                lst = "".join(f"<li>{html.escape(x)}</li>" for x in shown[:3])
-                ul = f'<ul class="reasons">{lst}</ul>' if lst else ""
-                cells.append(f"<td>{_verdict_span(label, reasons)}{extra}{ul}</td>")
-            rows.append(f"<tr><td><b>{html.escape(m)}</b></td><td>{'' if s is None else s}</td>{''.join(cells)}</tr>")
-    legend = " ".join(_verdict_span(v, []) for v in VERDICTS) + " " + _verdict_span("pending", [])
-    return (
-        f"<table>{head}{''.join(rows)}</table>"
-        f"<p>{legend}</p><p>Each iteration is compared with iteration 0 of the same method and seed "
-        "(its own starting point); hover a label for every reason. Thresholds: docs/metrics.md.</p>"
-    )
 
 
 def render_report(run_dir: PathLike) -> Path:
@@ -531,7 +496,9 @@ def render_report(run_dir: PathLike) -> Path:
 
     title = f"Chain of Diffusion report: {root.name}"
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+             '<div class="answer">' + "".join(f"<p>{html.escape(line)}</p>" for line in
+                                              plain_answer(data).splitlines()) + "</div>"]
     meta = []
     for key in ("created", "updated"):
         if data.run.get(key):
@@ -544,7 +511,7 @@ def render_report(run_dir: PathLike) -> Path:
     for prob in data.problems:
         parts.append(f'<p class="problem">{html.escape(prob)}</p>')
     parts.append("<h2>Verdicts</h2>")
-    parts.append(_verdict_table(data) if data.methods else "<p>No methods in this run yet.</p>")
+    parts.append(verdict_table_html(data) if data.methods else "<p>No methods in this run yet.</p>")
     parts.append("<h2>Metrics per iteration</h2>")
     parts.append(f'<img alt="metric curves" src="{_data_uri(folder.curves_png)}">')
     parts.append("<p>Dashed line: the value on your images (D0). All values are in <code>metrics.csv</code>.</p>")

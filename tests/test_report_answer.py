@@ -1,0 +1,109 @@
+"""The answer first: plain sentences built from the run's own numbers, and reasons written out in the table."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+
+from redifine_core import report as R
+from redifine_core.chain.run_folder import RunFolder
+from redifine_core.report_answer import plain_answer, verdict_table_html
+from test_report import ITERATIONS, SEEDS, build_fake_run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return build_fake_run(tmp_path_factory.mktemp("answer") / "run", status="complete")
+
+
+def _metrics_files(root, method, it):
+    return [root / method / f"seed_{s}" / f"iter_{it:03d}" / "metrics.json" for s in SEEDS]
+
+
+def _mean(root, method, it, key):
+    vals = [json.loads(p.read_text())["metrics"][key] for p in _metrics_files(root, method, it)]
+    return sum(vals) / len(vals)
+
+
+def test_one_sentence_per_method_with_the_runs_own_numbers(run_dir):
+    text = plain_answer(run_dir)
+    lines = text.splitlines()
+    assert lines[0].startswith(f"Over {ITERATIONS} rounds of training on its own images (6 images a round; 2 seeds")
+    w1 = next(l for l in lines if l.startswith("baseline-w1 (CFG 1)"))
+    w9 = next(l for l in lines if l.startswith("baseline-w9 (CFG 9)"))
+    assert "drifted towards blur" in w1 and "drifted towards over-guidance" in w9
+    last = ITERATIONS - 1
+    names = {"high-frequency share": "hf_share", "Laplacian variance (edge sharpness)": "laplacian_var",
+             "saturation": "saturation", "colourfulness": "colourfulness"}
+    for method, line in (("baseline-w1", w1), ("baseline-w9", w9)):
+        quoted = re.findall(r"(high-frequency share|Laplacian variance \(edge sharpness\)|saturation|colourfulness) "
+                            r"([+-]\d+)%", line)
+        assert quoted, line
+        for name, pct in quoted:  # every quoted change is the run's own: round 0 to the last round, mean of seeds
+            k = names[name]
+            assert int(pct) == round(100 * (_mean(run_dir, method, last, k) / _mean(run_dir, method, 0, k) - 1))
+    fid0, fid = _mean(run_dir, "baseline-w9", 0, "fid_ref"), _mean(run_dir, "baseline-w9", last, "fid_ref")
+    assert f"FID against your images {fid0:.3g} -> {fid:.3g}" in w9
+    red = next(l for l in lines if l.startswith("redifine (ReDiFine: condition drop 0.1 and CFG schedule redifine = "
+                                                "exp(7.5, 1, 3))"))
+    assert "only round 0 has finished" in red  # its round 1 has no DONE
+    assert lines[-2].startswith("Closest to your images at the end: ")
+
+
+def test_changing_a_metric_changes_the_sentence(run_dir, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(run_dir, root)
+    before = next(l for l in plain_answer(root).splitlines() if l.startswith("baseline-w9"))
+    base = _mean(root, "baseline-w9", 0, "saturation")
+    for p in _metrics_files(root, "baseline-w9", ITERATIONS - 1):
+        d = json.loads(p.read_text())
+        d["metrics"]["saturation"] = base * 3.17
+        p.write_text(json.dumps(d))
+    after = next(l for l in plain_answer(RunFolder(root).read()).splitlines() if l.startswith("baseline-w9"))
+    assert after != before and "saturation +217%" in after and "saturation +217%" not in before
+    # a method whose last round reads stable quotes its largest change instead of a direction
+    for p in _metrics_files(root, "baseline-w9", ITERATIONS - 1):
+        d = json.loads(p.read_text())
+        d["verdict"] = {"label": "stable", "reasons": ["all metrics within thresholds of iteration 0"]}
+        p.write_text(json.dumps(d))
+    stable = next(l for l in plain_answer(root).splitlines() if l.startswith("baseline-w9"))
+    assert "showed no clear drift by round 2 (largest change: saturation +217%)" in stable
+
+
+def test_report_opens_with_the_answer_and_writes_reasons_out(run_dir):
+    html = R.render_report(run_dir).read_text()
+    body = html[html.index("<body>"):]
+    first = re.search(r"</h1>\s*<div class=\"answer\"><p>Over 3 rounds", body)
+    assert first and first.start() < body.index("status:")
+    table = html[html.index("<h2>Verdicts</h2>"):html.index("<h2>Metrics per iteration</h2>")]
+    reasons = json.loads(_metrics_files(run_dir, "baseline-w9", 2)[0].read_text())["verdict"]["reasons"]
+    import html as h
+
+    assert f"<li>{h.escape(reasons[0])}</li>" in table  # visible, not only in the hover text
+    # stable cells show their reason too
+    assert "<li>all metrics within thresholds of iteration 0</li>" in table
+
+
+def test_every_label_has_a_colour_and_inconclusive_shows_why(run_dir, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(run_dir, root)
+    p = _metrics_files(root, "baseline-w1", 1)[0]
+    d = json.loads(p.read_text())
+    d["verdict"] = {"label": "inconclusive", "reasons": ["only 6 images per set: below 16", "would read: stable"]}
+    p.write_text(json.dumps(d))
+    table = verdict_table_html(RunFolder(root).read())
+    for label in ("stable", "drifting to blur", "drifting to over-guidance", "drifting from the data",
+                  "inconclusive"):
+        assert re.search(rf'<span class="v" style="background:#[0-9a-f]{{6}}"[^>]*>{label}</span>', table), label
+    assert "<li>only 6 images per set: below 16</li>" in table
+
+
+def test_no_finished_round_says_so(tmp_path):
+    root = tmp_path / "empty"
+    root.mkdir()
+    (root / "run.json").write_text(json.dumps({"schema_version": 1, "status": "running", "config": {
+        "iterations": 2, "methods": [{"name": "a", "kind": "baseline", "cfg": 3.0}]}, "seeds": [0]}))
+    assert plain_answer(root).startswith("No round has finished yet")
