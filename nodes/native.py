@@ -67,10 +67,6 @@ def _native_model(pipe):
     model_config = comfy.supported_models.SD15(unet_config)
     model_config.unet_config.update({"num_heads": unet_config["num_heads"], "num_head_channels": -1})
     sched = getattr(pipe.scheduler, "config", {})
-    if sched.get("prediction_type", "epsilon") != "epsilon":
-        raise ValueError("only epsilon-prediction models are supported here; use CheckpointLoaderSimple for v-models")
-    if sched.get("beta_schedule", "scaled_linear") != "scaled_linear":
-        raise ValueError(f"beta_schedule={sched.get('beta_schedule')!r}: only scaled_linear is supported here")
     model_config.sampling_settings = dict(model_config.sampling_settings, beta_schedule="linear",
                                           linear_start=float(sched.get("beta_start", 0.00085)),
                                           linear_end=float(sched.get("beta_end", 0.012)),
@@ -168,12 +164,33 @@ def _native_clip(pipe):
 
 
 
+# The one VAE layout ComfyUI's public constructor builds from a state dict without a config (comfy.sd.VAE: 128 base
+# channels, ch_mult 1,2,4,4, two resnets per level, and GroupNorm with 32 groups hard-wired in its Normalize()).
+STANDARD_SD_VAE = {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32,
+                   "latent_channels": 4, "in_channels": 3, "out_channels": 3}
+
+
+def public_vae_possible(config: Any) -> bool:
+    """Whether ``comfy.sd.VAE(sd=...)`` (ComfyUI's public construction) builds this diffusers VAE exactly."""
+    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    return (all(list(get(k)) == v if isinstance(v, list) else get(k) == v for k, v in STANDARD_SD_VAE.items())
+            and get("use_quant_conv", True) and get("use_post_quant_conv", True)
+            and get("mid_block_add_attention", True))
+
+
 def _native_vae(pipe):
+    """A ``comfy.sd.VAE``. Standard SD VAEs go through the public constructor (``comfy.sd.VAE(sd=...)``, which
+    converts diffusers keys itself). Any other layout (the toy's 16/32 channels with 8 norm groups) cannot be built by
+    it (its GroupNorm has 32 groups hard-wired), so it is wrapped: a ``comfy.sd.VAE`` subclass that sets the attributes
+    the stock constructor sets, around the diffusers module."""
     import torch
 
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.sd
+
+    if public_vae_possible(pipe.vae.config):
+        return comfy.sd.VAE(sd={k: v.detach().to("cpu", torch.float32) for k, v in pipe.vae.state_dict().items()})
 
     class DiffusersVAEModule(torch.nn.Module):
         def __init__(self, vae):
@@ -221,6 +238,22 @@ def _native_vae(pipe):
     return DiffusersVAE(vae)
 
 
+def check_convertible(pipeline: Any) -> None:
+    """ValueError (one line, naming the stock route) for what this bridge does not convert: SDXL, v-prediction and
+    non-scaled_linear noise schedules. Those models are released as checkpoints that ComfyUI's own loader reads, so
+    the route for them is CheckpointLoaderSimple (plus ReDiFine Pipeline from MODEL/CLIP/VAE for ReDiFine's nodes)."""
+    if getattr(pipeline, "text_encoder_2", None) is not None:
+        raise ValueError("SDXL pipelines are not supported by this node; load the checkpoint with "
+                         "CheckpointLoaderSimple instead")
+    sched = getattr(getattr(pipeline, "scheduler", None), "config", {}) or {}
+    if sched.get("prediction_type", "epsilon") != "epsilon":
+        raise ValueError(f"prediction_type={sched.get('prediction_type')!r}: only epsilon-prediction models are "
+                         "supported by this node; load the checkpoint with CheckpointLoaderSimple instead")
+    if sched.get("beta_schedule", "scaled_linear") != "scaled_linear":
+        raise ValueError(f"beta_schedule={sched.get('beta_schedule')!r}: only scaled_linear is supported by this node; "
+                         "load the checkpoint with CheckpointLoaderSimple instead")
+
+
 class ReDiFinePipelineToNative:
     DESCRIPTION = ("Turns a ReDiFine pipeline into ComfyUI's own MODEL, CLIP and VAE, so stock nodes (LoraLoader, "
                    "CLIPTextEncode, KSampler, VAEDecode) work with the bundled toy model. SD1.x-layout models only; "
@@ -241,9 +274,7 @@ class ReDiFinePipelineToNative:
     def convert(self, pipeline):
         import torch
 
-        if getattr(pipeline, "text_encoder_2", None) is not None:
-            raise ValueError("SDXL pipelines are not supported by this node; load the checkpoint with "
-                             "CheckpointLoaderSimple instead")
+        check_convertible(pipeline)
         with torch.inference_mode(False):
             return (_native_model(pipeline), _native_clip(pipeline), _native_vae(pipeline))
 

@@ -566,3 +566,20 @@ def test_to_native_refuses_sdxl_and_v_prediction_and_names_the_stock_route():
     with pytest.raises(ValueError, match="SDXL pipelines are not supported by this node; load the checkpoint with "
                                          "CheckpointLoaderSimple"):
         MAPPINGS["ReDiFinePipelineToNative"]().convert(sdxl)
+    for config, field in (({"prediction_type": "v_prediction"}, "prediction_type='v_prediction'"),
+                          ({"beta_schedule": "linear"}, "beta_schedule='linear'")):
+        pipe = types.SimpleNamespace(text_encoder_2=None, scheduler=types.SimpleNamespace(config=config))
+        with pytest.raises(ValueError, match=f"{field}: only .* load the checkpoint with CheckpointLoaderSimple"):
+            MAPPINGS["ReDiFinePipelineToNative"]().convert(pipe)
+    ok = types.SimpleNamespace(text_encoder_2=None, scheduler=types.SimpleNamespace(config={}))
+    native_mod.check_convertible(ok)  # an SD1.x epsilon model passes
+
+
+def test_public_vae_construction_only_for_the_layout_comfyui_builds(tiny_sd):
+    from redifine_core.single_file import CONFIG_ROOT, read_json
+
+    sd15 = read_json(CONFIG_ROOT / "sd1" / "vae" / "config.json")
+    assert native_mod.public_vae_possible(sd15)
+    assert native_mod.public_vae_possible(read_json(CONFIG_ROOT / "sdxl" / "vae" / "config.json"))
+    assert not native_mod.public_vae_possible({**sd15, "norm_num_groups": 8})
+    assert not native_mod.public_vae_possible(tiny_sd.vae.config)  # tiny/toy layouts keep the wrapper

@@ -139,3 +139,16 @@ def test_a_lora_patched_model_is_refused_and_the_fallback_file_is_loaded(big_ser
     info = _probe(out, "91")
     assert info["devices"] == [info["offload_device"]]
     assert "not shared: the MODEL has weight patches" in json.dumps(out["95"])
+
+
+def test_bridge_builds_a_standard_vae_publicly_and_it_decodes_like_the_stock_one(big_server):
+    s = big_server
+    p = _loader()
+    p["20"] = {"class_type": "ReDiFinePipelineFromNative",
+               "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "fallback": "none (refuse)"}}
+    p["21"] = {"class_type": "ReDiFinePipelineToNative", "inputs": {"pipeline": ["20", 0]}}
+    p["94"] = {"class_type": "ReDiFineTestVaeParity", "inputs": {"vae_a": ["1", 2], "vae_b": ["21", 2]}}
+    out = json.loads(s.run(p, timeout=900)["outputs"]["94"]["text"][0])
+    assert out["class_a"] == out["class_b"] == "comfy.sd.VAE"  # ComfyUI's own class, built by its constructor
+    assert out["shape"] == [1, 64, 64, 3]
+    assert out["diff"] < 2e-2  # bf16 stock weights vs the bridge's float32 copy of them

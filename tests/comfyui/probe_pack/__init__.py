@@ -134,3 +134,30 @@ class ReDiFineTestMemory:
 
 
 NODE_CLASS_MAPPINGS["ReDiFineTestMemory"] = ReDiFineTestMemory
+
+
+class ReDiFineTestVaeParity:
+    """Decode one fixed latent with two VAEs; report the class of each and the largest difference."""
+
+    CATEGORY = "ReDiFine/testing"
+    FUNCTION = "check"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae_a": ("VAE",), "vae_b": ("VAE",)}}
+
+    def check(self, vae_a, vae_b):
+        import torch
+
+        z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        a, b = vae_a.decode(z).float(), vae_b.decode(z).float()
+        out = {"class_a": type(vae_a).__module__ + "." + type(vae_a).__name__,
+               "class_b": type(vae_b).__module__ + "." + type(vae_b).__name__,
+               "diff": float((a - b).abs().max()), "shape": list(a.shape)}
+        text = json.dumps(out)
+        return {"ui": {"text": [text]}, "result": (text,)}
+
+
+NODE_CLASS_MAPPINGS["ReDiFineTestVaeParity"] = ReDiFineTestVaeParity
