@@ -53,3 +53,105 @@ def test_a_folder_that_is_not_a_run_is_refused_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path)])
     assert e.value.code == 2 and "run.json" in capsys.readouterr().err
+
+
+# ---- the science preset ----------------------------------------------------------------------------------------
+
+def test_science_config_has_every_method_and_paired_seeds():
+    from redifine_core.chain import REDIFINE_COND_DROP, units
+    from redifine_core.presets import PRESET_TABLE
+    from redifine_core.toy.demo import SCIENCE
+    from redifine_core.toy.science import science_config
+
+    cfg = science_config()
+    by = {m.name: m for m in cfg.methods}
+    consts = [by[f"cfg-{w}"] for w in ("1.5", "2", "3", "5", "7.5")]
+    assert [m.cfg for m in consts] == [1.5, 2.0, 3.0, 5.0, 7.5]
+    assert all(m.cond_drop == 0.0 and m.schedule is None for m in consts)
+    red = by["redifine"]
+    assert red.kind == "redifine" and red.schedule == "redifine" and red.cond_drop == REDIFINE_COND_DROP > 0
+    # the two halves of ReDiFine alone
+    assert (by["drop-cfg-7.5"].cfg, by["drop-cfg-7.5"].cond_drop) == (7.5, REDIFINE_COND_DROP)
+    assert (by["schedule-no-drop"].schedule, by["schedule-no-drop"].cond_drop) == ("redifine", 0.0)
+    # every other reading of the schedule, each with condition drop
+    readings = {m.schedule for m in cfg.methods if m.name.endswith("-drop") and m.name != "schedule-no-drop"}
+    assert readings == {p.name for p in PRESET_TABLE} - {"redifine"}
+    assert all(by[f"{r}-drop"].cond_drop == REDIFINE_COND_DROP for r in readings)
+    assert len(cfg.methods) == 5 + 3 + len(PRESET_TABLE) - 1
+    assert cfg.seeds == (0, 1, 2, 3, 4) and cfg.iterations == SCIENCE.iterations == 5
+    assert cfg.train.steps == SCIENCE.finetune_steps
+    # paired: every method runs every seed, and a seed's training and image seeds do not depend on the method
+    assert {(u.method.name, u.seed) for u in units(cfg)} == {(m.name, s) for m in cfg.methods for s in cfg.seeds}
+    assert science_config(seeds=(3, 9)).seeds == (3, 9)
+
+
+@pytest.mark.parametrize("seeds", [0, -1, True, "5", 2.5])
+def test_science_config_refuses_bad_seeds(seeds):
+    from redifine_core.toy.science import science_config
+
+    with pytest.raises(ValueError, match="seeds"):
+        science_config(seeds)
+
+
+def test_run_science_refuses_a_non_empty_folder_before_loading(tmp_path):
+    from redifine_core.toy.science import run_science
+
+    (tmp_path / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        run_science(tmp_path, seeds=1)
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        run_science(tmp_path / "missing", seeds=1, resume=True)
+
+
+def test_interval_is_the_student_t_interval():
+    from redifine_core.toy.science import interval
+
+    m, lo, hi = interval([1.0, 2.0, 3.0])
+    assert m == 2.0 and np.isclose(hi - m, 4.303 / np.sqrt(3)) and np.isclose(m - lo, hi - m)
+    assert interval([5.0]) == (5.0, 5.0, 5.0)
+    m, lo, hi = interval([1.0, 1.2, 0.9, 1.1, 1.0])
+    assert lo < m < hi and np.isclose(hi - m, 2.776 * np.std([1.0, 1.2, 0.9, 1.1, 1.0], ddof=1) / np.sqrt(5))
+
+
+def _records(rng):
+    """Five seeds: cfg-1.5 blurs, cfg-7.5 over-guides, redifine and drop-cfg-7.5 barely move, the rest drift."""
+    def rec(hf, lap, slope, sat, clip, col, fid=1.0):
+        return {"hf_share": hf, "laplacian_var": lap, "spectral_slope": slope, "saturation": sat,
+                "clipped_fraction": clip, "colourfulness": col, "diversity": 1.0, "fidelity": fid}
+
+    def run(end):
+        out = {}
+        for s in range(5):
+            j = 1 + rng.normal(0, 0.01, 6)
+            start = rec(0.1, 0.01, -3.0, 0.5, 0.001, 90.0)
+            out[s] = {0: start, 1: rec(*(np.array(end) * j))}
+        return out
+
+    return {
+        "cfg-1.5": run([0.05, 0.005, -3.6, 0.5, 0.001, 90.0]),
+        "cfg-2": run([0.1, 0.01, -3.0, 0.5, 0.001, 90.0]),
+        "cfg-7.5": run([0.15, 0.02, -2.5, 0.6, 0.01, 100.0]),
+        "redifine": run([0.101, 0.0101, -3.0, 0.5, 0.001, 90.5]),
+        "drop-cfg-7.5": run([0.102, 0.0101, -3.0, 0.5, 0.001, 90.0]),
+        "schedule-no-drop": run([0.13, 0.015, -3.0, 0.55, 0.001, 95.0]),
+        "redifine_rising-drop": run([0.2, 0.02, -3.0, 0.7, 0.001, 120.0]),
+    }
+
+
+def test_study_answers_the_questions_with_intervals():
+    from redifine_core.toy.science import answers, study
+
+    result = study(_records(np.random.default_rng(0)))
+    assert result["best_constant"] == "cfg-2"
+    lines = answers(result)
+    text = "\n".join(lines)
+    assert "Does low CFG 1.5 drift towards blur? yes: hf_share -50% [" in text
+    assert "Does low CFG 2 drift towards blur? no:" in text  # a "no" is reported as such
+    assert "Does high CFG 7.5 drift towards over-guidance? yes: hf_share +50% [" in text
+    red = next(l for l in lines if l.startswith("redifine: final drift"))
+    rising = next(l for l in lines if l.startswith("redifine_rising-drop: final drift"))
+    assert "within cfg-2's interval" in red and "above (more drift than) cfg-2's interval" in rising
+    assert "Which half of ReDiFine does the work? condition drop (drop-cfg-7.5" in text
+    assert not any(l.startswith("schedule-no-drop: final drift") for l in lines)  # a half, not a reading
+    assert result["methods"]["cfg-1.5"]["changes"]["spectral_slope"][0] < -0.5
+    assert not any(l.startswith("Only") for l in lines)  # five seeds: the study's bar

@@ -51,7 +51,7 @@ class DemoSettings:
 
 FULL = DemoSettings(n_images=48, iterations=5, finetune_steps=40, learning_rate=2e-3, rank=8, batch_size=8,
                     sample_steps=15, low_cfg=2.0, high_cfg=7.5)
-#: The settings of the 3-seed study in docs/toy-lab.md: FULL with 60 finetuning steps (over 10 minutes on 2 cores).
+#: The settings of the studies in docs/toy-lab.md (toy.science): FULL with 60 finetuning steps.
 SCIENCE = DemoSettings(n_images=48, iterations=5, finetune_steps=60, learning_rate=2e-3, rank=8, batch_size=8,
                        sample_steps=15, low_cfg=2.0, high_cfg=7.5)
 QUICK = DemoSettings(n_images=16, iterations=5, finetune_steps=15, learning_rate=2e-3, rank=8, batch_size=4,
@@ -61,7 +61,6 @@ QUICK = DemoSettings(n_images=16, iterations=5, finetune_steps=15, learning_rate
 def demo_config(settings: DemoSettings, seeds: Sequence[int] = (0,)):
     """The :class:`~redifine_core.chain.ChainConfig` of a demo run."""
     from ..chain import ChainConfig, MethodConfig
-    from ..training import TrainConfig
 
     methods = (
         MethodConfig(name="baseline-low", kind="baseline", cfg=settings.low_cfg),
@@ -69,10 +68,16 @@ def demo_config(settings: DemoSettings, seeds: Sequence[int] = (0,)):
         MethodConfig(name="redifine", kind="redifine", schedule=settings.redifine_schedule,
                      cond_drop=settings.redifine_cond_drop),
     )
-    train = TrainConfig(steps=settings.finetune_steps, learning_rate=settings.learning_rate, rank=settings.rank,
-                        alpha=float(settings.rank), batch_size=settings.batch_size, target=settings.target)
-    return ChainConfig(iterations=settings.iterations, methods=methods, train=train, steps=settings.sample_steps,
-                       sampler="ddim", seeds=tuple(seeds), batch_size=64)
+    return ChainConfig(iterations=settings.iterations, methods=methods, train=train_config(settings),
+                       steps=settings.sample_steps, sampler="ddim", seeds=tuple(seeds), batch_size=64)
+
+
+def train_config(settings: DemoSettings):
+    """The LoRA finetuning settings of every iteration (the same for every method: a paired comparison)."""
+    from ..training import TrainConfig
+
+    return TrainConfig(steps=settings.finetune_steps, learning_rate=settings.learning_rate, rank=settings.rank,
+                       alpha=float(settings.rank), batch_size=settings.batch_size, target=settings.target)
 
 
 def demo_dataset(settings: DemoSettings):
@@ -92,16 +97,26 @@ def run_demo(out_dir: Union[str, Path], quick: bool = False, seeds: Sequence[int
 non-empty folder and ``resume`` is False, FileNotFoundError if ``resume`` and it does not exist, ValueError if it is
 a file, PermissionError if it cannot be written.
     """
-    from ..chain import run_chain
-    from ..models import load_pipeline
-    from ..paths import check_output_dir
-    from ..report import render_report
-
     settings = settings or (QUICK if quick else FULL)
     if not isinstance(settings, DemoSettings):
         raise ValueError(f"settings={settings!r} must be a DemoSettings")
     seeds = (seeds,) if isinstance(seeds, int) else tuple(seeds)
     config = demo_config(settings, seeds)  # validates before any work
+    return run_toy_chain(out_dir, config, settings, progress, cancel, model=model, resume=resume)
+
+
+def run_toy_chain(out_dir: Union[str, Path], config, settings: DemoSettings,
+                  progress: Optional[ProgressCallback] = None, cancel: Optional[CancelFlag] = None, *,
+                  model: Union[str, Path] = "toy", resume: bool = False) -> Path:
+    """Run ``config`` (a ChainConfig) on the toy data of ``settings`` into ``out_dir``; returns report.html's path.
+
+    The output folder is checked before the model loads (see :func:`run_demo`); a run is resumed like any chain.
+    """
+    from ..chain import run_chain
+    from ..models import load_pipeline
+    from ..paths import check_output_dir
+    from ..report import render_report
+
     out_dir = check_output_dir(out_dir, "out_dir", empty=not resume, hint="choose another folder or resume")
     if resume and not out_dir.is_dir():
         raise FileNotFoundError(f"out_dir {str(out_dir)!r} does not exist: there is nothing to resume")

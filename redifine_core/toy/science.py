@@ -1,27 +1,101 @@
-"""Summarise a toy chain run: collapse metrics and prompt fidelity per method and iteration, averaged over seeds.
+"""The toy study as a command: its chain config, its run, and the summary that answers the paper's questions.
 
-``python -m redifine_core.toy.science RUN_DIR [--plot FILE] [--json FILE]`` reads a run folder written by
-:func:`redifine_core.chain.run_chain` (e.g. by ``redifine demo``), scores every generated set with the attribute
-checker, and prints a table of mean +- std over replicate seeds, plus each method's distance from its own
-iteration 0 (the question "does it stay closer to where it started?").
+``python -m redifine_core.toy.science RUN_DIR --run [--seeds 5]`` runs (or, when RUN_DIR holds a run, resumes) the
+``science`` preset: constant CFG 1.5, 2, 3, 5 and 7.5 without condition drop; ReDiFine; its two halves alone
+(condition drop with constant CFG 7.5; the ``redifine`` schedule without condition drop); and every other reading of
+the schedule (presets.py) with condition drop. Every method uses the same seeds, captions and per-image seeds (a
+paired comparison), on the toy data at the ``SCIENCE`` settings of toy.demo, for 5 iterations.
+
+``python -m redifine_core.toy.science RUN_DIR [--plot FILE] [--json FILE]`` reads any toy run folder (a study or a
+``redifine demo``), scores every generated set with the attribute checker, prints a table of mean +- std over seeds
+and, for a study, the answers: does low CFG drift to blur, high CFG to over-guidance, is ReDiFine's final drift
+within the best constant CFG's 95 % interval, and which half of ReDiFine does the work.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
 
 from ..chain.run_folder import RunFolder
+from ..progress import CancelFlag, ProgressCallback
 from .checker import check
 
 KEYS: tuple[str, ...] = ("fidelity", "hf_share", "laplacian_var", "saturation", "clipped_fraction", "colourfulness",
                          "diversity", "fid_ref")
 #: Metrics whose relative change from iteration 0 makes up the drift score.
 DRIFT_KEYS: tuple[str, ...] = ("hf_share", "laplacian_var", "saturation", "colourfulness", "diversity")
+
+# ---- the science preset -------------------------------------------------------------------------------------------
+CONSTANT_CFGS: tuple[float, ...] = (1.5, 2.0, 3.0, 5.0, 7.5)
+"""The constant CFG scales of the study (no condition drop)."""
+LOW_CFGS, HIGH_CFGS = (1.5, 2.0), (7.5,)
+"""The scales the questions "does low CFG blur?" and "does high CFG over-guide?" are asked of."""
+HALF_CFG = 7.5
+"""The constant CFG of "condition drop alone": the scale ReDiFine replaces (its schedule starts there)."""
+STUDY_SEEDS = 5
+"""Replicate seeds of the study (at least 5: the issue's bar for a 95 % interval worth reading)."""
+REDIFINE, DROP_ONLY, SCHEDULE_ONLY = "redifine", f"drop-cfg-{HALF_CFG:g}", "schedule-no-drop"
+
+
+def cfg_name(w: float) -> str:
+    """The method name of constant CFG ``w``: ``cfg-7.5``."""
+    return f"cfg-{w:g}"
+
+
+def reading_name(preset: str) -> str:
+    """The method name of a schedule reading with condition drop: ``redifine_rising-drop``."""
+    return REDIFINE if preset == "redifine" else f"{preset}-drop"
+
+
+def science_methods(cond_drop: Optional[float] = None) -> tuple:
+    """Every method of the study (MethodConfig), in report order; ``cond_drop`` defaults to ReDiFine's."""
+    from ..chain import REDIFINE_COND_DROP, REDIFINE_SCHEDULE, MethodConfig
+    from ..presets import PRESET_TABLE
+
+    drop = REDIFINE_COND_DROP if cond_drop is None else cond_drop
+    methods = [MethodConfig(name=cfg_name(w), kind="baseline", cfg=w) for w in CONSTANT_CFGS]
+    methods.append(MethodConfig(name=REDIFINE, kind="redifine", schedule=REDIFINE_SCHEDULE, cond_drop=drop))
+    methods.append(MethodConfig(name=DROP_ONLY, kind="custom", cfg=HALF_CFG, cond_drop=drop))
+    methods.append(MethodConfig(name=SCHEDULE_ONLY, kind="custom", schedule=REDIFINE_SCHEDULE, cond_drop=0.0))
+    for p in PRESET_TABLE:
+        if p.name != REDIFINE_SCHEDULE:
+            methods.append(MethodConfig(name=reading_name(p.name), kind="custom", schedule=p.name, cond_drop=drop))
+    return tuple(methods)
+
+
+def science_config(seeds: Union[int, Sequence[int]] = STUDY_SEEDS, settings: Any = None):
+    """The study's ChainConfig: ``science_methods()`` x ``seeds`` (a count, giving seeds 0..n-1, or the seeds) at the
+    toy demo's ``SCIENCE`` settings (or ``settings``). Raises ValueError for a bad seed count before any work."""
+    from ..chain import ChainConfig
+    from .demo import SCIENCE, train_config
+
+    settings = settings or SCIENCE
+    if isinstance(seeds, bool) or not isinstance(seeds, (int, Sequence)):
+        raise ValueError(f"seeds={seeds!r} must be a count (an integer >= 1) or a sequence of seeds")
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ValueError(f"seeds={seeds!r} must be >= 1 (the study uses {STUDY_SEEDS})")
+        seeds = tuple(range(seeds))
+    return ChainConfig(iterations=settings.iterations, methods=science_methods(settings.redifine_cond_drop),
+                       train=train_config(settings), steps=settings.sample_steps, sampler="ddim",
+                       seeds=tuple(seeds), batch_size=64)
+
+
+def run_science(out_dir: Union[str, Path], seeds: Union[int, Sequence[int]] = STUDY_SEEDS,
+                progress: Optional[ProgressCallback] = None, cancel: Optional[CancelFlag] = None, *,
+                model: Union[str, Path] = "toy", settings: Any = None, resume: bool = False) -> Path:
+    """Run (or with ``resume``, continue) the study into ``out_dir``; returns report.html's path. See run_demo."""
+    from .demo import SCIENCE, run_toy_chain
+
+    settings = settings or SCIENCE
+    config = science_config(seeds, settings)  # validates before any work
+    return run_toy_chain(out_dir, config, settings, progress, cancel, model=model, resume=resume)
 
 
 def _open_rgb(paths) -> list[Image.Image]:
@@ -100,6 +174,119 @@ def format_table(summary, keys: Sequence[str] = KEYS + ("drift",)) -> str:
     return "\n".join(lines)
 
 
+# ---- the study's answers: 95 % intervals over seeds ----------------------------------------------------------------
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         15: 2.131, 20: 2.086, 30: 2.042}
+#: (metric, "rel" or "abs" change, the sign it takes under blur); the over-guidance sign is the opposite.
+CHANGE_KEYS: tuple[tuple[str, str, int], ...] = (
+    ("hf_share", "rel", -1), ("laplacian_var", "rel", -1), ("spectral_slope", "abs", -1),
+    ("saturation", "rel", 0), ("clipped_fraction", "abs", 0), ("colourfulness", "rel", 0))
+BLUR_KEYS = ("hf_share", "laplacian_var", "spectral_slope")
+OVER_KEYS = ("hf_share", "laplacian_var", "spectral_slope", "saturation", "clipped_fraction", "colourfulness")
+
+
+def interval(values: Sequence[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the 95 % Student-t interval of the mean over seeds (low = high = mean for one value)."""
+    vals = [float(v) for v in values if math.isfinite(float(v))]
+    if not vals:
+        return (float("nan"),) * 3
+    m = float(np.mean(vals))
+    if len(vals) < 2:
+        return m, m, m
+    df = len(vals) - 1
+    t = _T975[max(k for k in _T975 if k <= df)]  # the next smaller table entry: a slightly wider interval
+    half = t * float(np.std(vals, ddof=1)) / math.sqrt(len(vals))
+    return m, m - half, m + half
+
+
+def _final_iteration(seeds: dict) -> Optional[int]:
+    """The last iteration every seed of a method has finished (with its iteration 0)."""
+    common = set.intersection(*(set(s) for s in seeds.values())) if seeds else set()
+    return max(common) if common and 0 in common else None
+
+
+def study(records) -> dict:
+    """Per method: final drift and fidelity (95 % intervals), per-iteration intervals, signed metric changes."""
+    out: dict = {"methods": {}}
+    for method, seeds in records.items():
+        last = _final_iteration(seeds)
+        if last is None:
+            continue
+        per_iter = {}
+        for i in range(last + 1):
+            per_iter[i] = {"drift": interval([drift(s[i], s[0]) for s in seeds.values()]),
+                           "fidelity": interval([s[i]["fidelity"] for s in seeds.values()])}
+        changes = {}
+        for key, kind, _ in CHANGE_KEYS:
+            vals = [(s[last][key] - s[0][key]) / (max(abs(s[0][key]), 1e-12) if kind == "rel" else 1.0)
+                    for s in seeds.values() if key in s[last] and key in s[0]]
+            if vals:
+                changes[key] = interval(vals)
+        out["methods"][method] = {"final_iteration": last, "seeds": len(seeds), "iterations": per_iter,
+                                  "changes": changes, "drift": per_iter[last]["drift"],
+                                  "fidelity": per_iter[last]["fidelity"]}
+    consts = {m: v for m, v in out["methods"].items() if m in {cfg_name(w) for w in CONSTANT_CFGS}}
+    out["best_constant"] = min(consts, key=lambda m: consts[m]["drift"][0]) if consts else None
+    return out
+
+
+def _direction(changes: dict, keys: Sequence[str], sign: int) -> tuple[str, list[str]]:
+    """yes (>= 2 metrics' intervals entirely on the mode's side of 0), no (none), or partly; and the evidence."""
+    clear, text = 0, []
+    for k in keys:
+        if k not in changes:
+            continue
+        m, lo, hi = changes[k]
+        kind = dict((c[0], c[1]) for c in CHANGE_KEYS)[k]
+        fmt = (lambda x: f"{x:+.0%}") if kind == "rel" else (lambda x: f"{x:+.3g}")
+        text.append(f"{k} {fmt(m)} [{fmt(lo)}, {fmt(hi)}]")
+        clear += (hi < 0) if sign < 0 else (lo > 0)
+    return ("yes" if clear >= 2 else "no" if clear == 0 else "partly"), text
+
+
+def _ival(x: tuple[float, float, float]) -> str:
+    return f"{x[0]:.3f} [{x[1]:.3f}, {x[2]:.3f}]"
+
+
+def answers(result: dict) -> list[str]:
+    """The study's questions answered in plain lines from ``study()``'s numbers, "no" and "unclear" included."""
+    ms, lines = result["methods"], []
+    for w in LOW_CFGS:
+        m = ms.get(cfg_name(w))
+        if m:
+            verdict, ev = _direction(m["changes"], BLUR_KEYS, -1)
+            lines.append(f"Does low CFG {w:g} drift towards blur? {verdict}: " + "; ".join(ev) + ".")
+    for w in HIGH_CFGS:
+        m = ms.get(cfg_name(w))
+        if m:
+            verdict, ev = _direction(m["changes"], OVER_KEYS, +1)
+            lines.append(f"Does high CFG {w:g} drift towards over-guidance? {verdict}: " + "; ".join(ev) + ".")
+    best = result.get("best_constant")
+    if best:
+        lines.append(f"Best constant CFG by final drift: {best}, drift {_ival(ms[best]['drift'])}.")
+        _, lo, hi = ms[best]["drift"]
+        for name in [REDIFINE] + [n for n in ms if n.endswith("-drop") and n != SCHEDULE_ONLY]:
+            if name in ms:
+                d = ms[name]["drift"]
+                where = ("within" if lo <= d[0] <= hi else "below (less drift than)" if d[0] < lo
+                         else "above (more drift than)")
+                lines.append(f"{name}: final drift {_ival(d)}, {where} {best}'s interval (untuned: the preset "
+                             "defaults, not fitted to this data).")
+    if REDIFINE in ms and DROP_ONLY in ms and SCHEDULE_ONLY in ms:
+        r = ms[REDIFINE]["drift"][0]
+        halves = {h: ms[h]["drift"] for h in (DROP_ONLY, SCHEDULE_ONLY)}
+        closer = min(halves, key=lambda h: abs(halves[h][0] - r))
+        what = {DROP_ONLY: "condition drop", SCHEDULE_ONLY: "the CFG schedule"}
+        lines.append(f"Which half of ReDiFine does the work? {what[closer]} ({closer}: drift {_ival(halves[closer])}"
+                     f"; the other, {[h for h in halves if h != closer][0]}: "
+                     f"{_ival(halves[[h for h in halves if h != closer][0]])}; ReDiFine {_ival(ms[REDIFINE]['drift'])}"
+                     ").")
+    n = min((m["seeds"] for m in ms.values()), default=0)
+    if n < STUDY_SEEDS:
+        lines.append(f"Only {n} seed(s): below the study's {STUDY_SEEDS}, these intervals are too wide to settle much.")
+    return lines
+
+
 def plot(summary, reference: dict[str, float] | None, path: str | Path,
          keys: Sequence[str] = ("fidelity", "hf_share", "laplacian_var", "saturation", "diversity", "drift")) -> Path:
     """Curves of ``keys`` over iterations, one line per method with seed std as error bars; D0 as a dashed line."""
@@ -134,9 +321,22 @@ def plot(summary, reference: dict[str, float] | None, path: str | Path,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m redifine_core.toy.science", description=__doc__.split("\n")[0])
     ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--run", action="store_true",
+                    help="run the science study into RUN_DIR first (resumed when RUN_DIR already holds a run)")
+    ap.add_argument("--seeds", type=int, default=STUDY_SEEDS, help=f"replicate seeds for --run (default {STUDY_SEEDS})")
+    ap.add_argument("--model", default="toy", help="the toy model folder for --run (default: the shipped one)")
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.run:
+        try:
+            config = science_config(args.seeds)
+            resume = (args.run_dir / "run.json").is_file()
+            print(f"{'resuming' if resume else 'running'} the study: {len(config.methods)} methods x "
+                  f"{len(config.seeds)} seeds x {config.iterations} iterations into {args.run_dir}")
+            print(f"report: {run_science(args.run_dir, args.seeds, model=args.model, resume=resume)}")
+        except (ValueError, FileNotFoundError, FileExistsError) as e:
+            ap.error(str(e).splitlines()[0])
     try:
         records = iteration_records(args.run_dir)
     except (ValueError, FileNotFoundError) as e:
@@ -147,12 +347,16 @@ def main(argv: list[str] | None = None) -> int:
     ref = reference_record(args.run_dir)
     print("D0: " + "  ".join(f"{k}={ref[k]:.4g}" for k in KEYS if k in ref))
     print(format_table(summary))
+    result = study(records)
+    for line in answers(result):
+        print(line)
     if args.plot:
         print(f"plot: {plot(summary, ref, args.plot)}")
     if args.json:
         from ..atomic import write_json
 
-        write_json(args.json, {"reference": ref, "summary": summary, "records": records})
+        write_json(args.json, {"reference": ref, "summary": summary, "records": records, "study": result,
+                               "answers": answers(result)})
     return 0
 
 
