@@ -58,3 +58,22 @@ def test_redifine_demo_quick_end_to_end(tmp_path, capsys):
         done = sorted(out.glob(f"{method}/seed_0/iter_*/DONE"))
         assert len(done) == QUICK.iterations
         assert len(list((done[-1].parent / "images").glob("*.png"))) == QUICK.n_images
+
+
+@pytest.mark.slow
+def test_quick_demo_verdicts_never_contradict_the_study(tmp_path):
+    """Issue 11: over 3 seeds no verdict cell of the quick demo names a direction the study found absent for that
+    method. Needs the committed findings of a science run (python -m redifine_core.toy.science RUN --findings)."""
+    from redifine_core.toy.science import FINDINGS_FILE, contradictions
+
+    if not FINDINGS_FILE.is_file():
+        pytest.skip(f"no committed study findings ({FINDINGS_FILE.name}): run the science study first")
+    found = json.loads(FINDINGS_FILE.read_text())["findings"]
+    run_demo(tmp_path / "demo", quick=True, seeds=(0, 1, 2))
+    from redifine_core.chain.run_folder import RunFolder
+
+    labels: dict = {}
+    for r in RunFolder(tmp_path / "demo").read().records:
+        labels.setdefault(r.method, {}).setdefault(r.seed, {})[r.iteration] = (r.verdict or {}).get("label", "")
+    labels = {m: {s: [its[i] for i in sorted(its)] for s, its in seeds.items()} for m, seeds in labels.items()}
+    assert contradictions(labels, found) == []

@@ -155,3 +155,19 @@ def test_study_answers_the_questions_with_intervals():
     assert not any(l.startswith("schedule-no-drop: final drift") for l in lines)  # a half, not a reading
     assert result["methods"]["cfg-1.5"]["changes"]["spectral_slope"][0] < -0.5
     assert not any(l.startswith("Only") for l in lines)  # five seeds: the study's bar
+
+
+def test_findings_and_contradicting_verdict_cells():
+    from redifine_core.toy.science import contradictions, findings, study
+
+    found = findings(study(_records(np.random.default_rng(0))))
+    assert found["cfg-1.5"] == {"blur": "yes", "over-guidance": "no"}
+    assert found["cfg-7.5"] == {"blur": "no", "over-guidance": "yes"}
+    assert found["redifine"]["blur"] == "no"
+    labels = {"baseline-high": {0: ["stable", "drifting to over-guidance"]},
+              "redifine": {0: ["stable", "drifting to blur"], 1: ["stable", "drifting from the data"]},
+              "cfg-1.5": {0: ["inconclusive", "drifting to blur"]}}
+    bad = contradictions(labels, found)
+    assert bad == ["redifine seed 0 iteration 1: 'drifting to blur', but the study found no blur for redifine"]
+    assert contradictions({"baseline-high": {0: ["drifting to blur"]}}, found) == [
+        "baseline-high seed 0 iteration 0: 'drifting to blur', but the study found no blur for cfg-7.5"]

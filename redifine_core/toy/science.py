@@ -287,6 +287,40 @@ def answers(result: dict) -> list[str]:
     return lines
 
 
+# ---- findings: what the study says about each method, for checking verdicts against it ------------------------------
+FINDINGS_FILE = Path(__file__).with_name("science_findings.json")
+"""The committed findings of the last study run (``--findings``), read by the verdict-consistency test."""
+DEMO_METHODS = {"baseline-low": cfg_name(2.0), "baseline-high": cfg_name(7.5), "redifine": REDIFINE}
+"""Each demo method and the study method with the same settings."""
+_OPPOSITE = {"drifting to blur": "blur", "drifting to over-guidance": "over-guidance"}
+
+
+def findings(result: dict) -> dict[str, dict[str, str]]:
+    """``{method: {"blur": yes|no|partly, "over-guidance": yes|no|partly}}`` from ``study()``, by the answers' rule."""
+    return {m: {"blur": _direction(v["changes"], BLUR_KEYS, -1)[0],
+                "over-guidance": _direction(v["changes"], OVER_KEYS, +1)[0]} for m, v in result["methods"].items()}
+
+
+def contradictions(labels: dict[str, dict[int, list[str]]], found: dict[str, dict[str, str]],
+                   methods: Optional[dict[str, str]] = None) -> list[str]:
+    """Verdict cells that name a direction the study found absent ("no") for that method: one line each.
+
+    ``labels``: ``{method: {seed: [label per iteration]}}`` (ChainResult.verdicts); ``methods`` maps a run's method
+    names to the study's (default: DEMO_METHODS, then the name itself).
+    """
+    methods = {**DEMO_METHODS, **(methods or {})}
+    out = []
+    for method, seeds in labels.items():
+        study_method = methods.get(method, method)
+        for seed, per_iter in seeds.items():
+            for i, label in enumerate(per_iter):
+                mode = _OPPOSITE.get(label)
+                if mode and found.get(study_method, {}).get(mode) == "no":
+                    out.append(f"{method} seed {seed} iteration {i}: '{label}', but the study found no {mode} for "
+                               f"{study_method}")
+    return out
+
+
 def plot(summary, reference: dict[str, float] | None, path: str | Path,
          keys: Sequence[str] = ("fidelity", "hf_share", "laplacian_var", "saturation", "diversity", "drift")) -> Path:
     """Curves of ``keys`` over iterations, one line per method with seed std as error bars; D0 as a dashed line."""
@@ -327,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="toy", help="the toy model folder for --run (default: the shipped one)")
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--findings", action="store_true",
+                    help=f"write the study's findings per method to {FINDINGS_FILE.name} (committed with the study)")
     args = ap.parse_args(argv)
     if args.run:
         try:
@@ -357,6 +393,11 @@ def main(argv: list[str] | None = None) -> int:
 
         write_json(args.json, {"reference": ref, "summary": summary, "records": records, "study": result,
                                "answers": answers(result)})
+    if args.findings:
+        from ..atomic import write_json
+
+        write_json(FINDINGS_FILE, {"run": str(args.run_dir), "findings": findings(result)})
+        print(f"findings: {FINDINGS_FILE}")
     return 0
 
 
