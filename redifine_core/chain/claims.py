@@ -258,7 +258,11 @@ class Claims:
 
     def heartbeat(self) -> None:
         """Touch this process's files; flag lanes another process took over; warn about an unshared folder."""
-        os.utime(self.folder.worker_claim(self.launch, self.procs.rank), None)
+        worker = self.folder.worker_claim(self.launch, self.procs.rank)
+        try:
+            os.utime(worker, None)
+        except FileNotFoundError:  # removed (by hand, or a reset that took it for dead): written again
+            create_exclusive(worker, self._record())
         with self._lock:
             held = list(self.held.items())
         for (method, seed), h in held:

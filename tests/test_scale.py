@@ -1,0 +1,327 @@
+"""One chain run over several processes: claim files, heartbeats, takeover, one report, the same files as one process.
+
+The claim tests and the in-process lane tests use the fake backend of test_chain.py (fast, exact). The slow ones
+start real processes on the tiny SD model: ``accelerate launch`` of the CLI (2 processes on CPU, gloo), and two
+``srun``-style tasks of which one is SIGKILLed mid-unit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from test_chain import PIPE, FakeBackend, _cfg, _dataset, _files  # noqa: E402
+
+from redifine_core import distributed  # noqa: E402
+from redifine_core.chain import MethodConfig, RunFolder, run_chain  # noqa: E402
+from redifine_core.chain.claims import Claims, create_exclusive  # noqa: E402
+from redifine_core.distributed import Processes  # noqa: E402
+
+
+class FakeProcs(Processes):
+    """Rank ``rank`` of a launch whose other processes never start: collectives answer as if they agreed."""
+
+    def broadcast(self, obj):
+        return obj
+
+    def all_gather(self, obj):
+        return [obj] * self.world_size
+
+    def barrier(self):
+        pass
+
+
+def _claims(tmp_path, launch="aaaa", rank=0, world=1, host="", timeout=60.0) -> Claims:
+    folder = RunFolder(tmp_path / "run")
+    return Claims(folder, FakeProcs(rank=rank, world_size=world, host=host), launch, timeout)
+
+
+# ------------------------------------------------------------------------------------------------------ claims
+def test_a_lane_has_one_owner_and_is_free_again_after_release(tmp_path):
+    a, b = _claims(tmp_path, "aaaa"), _claims(tmp_path, "bbbb", host="elsewhere")
+    assert a.claim(("low", 0)) and not b.claim(("low", 0))
+    rec = json.loads(a.held[("low", 0)].path.read_text())
+    assert rec["host"] == socket.gethostname() and rec["pid"] == os.getpid() and rec["rank"] == 0
+    assert b.claim(("low", 1))  # another seed is another lane
+    a.release(("low", 0))
+    assert b.claim(("low", 0)) and a.folder.lane_claims("low", 0)[0][0] == 0
+
+
+def test_a_stale_heartbeat_by_file_time_is_taken_over_and_the_old_owner_lets_go(tmp_path, caplog):
+    owner = _claims(tmp_path, "aaaa", host="elsewhere", timeout=30.0)  # another machine: no pid check possible
+    taker = _claims(tmp_path, "bbbb", rank=1, world=2, timeout=30.0)
+    assert owner.claim(("rd", 0))
+    path = owner.held[("rd", 0)].path
+    now = taker.now()  # the run folder's clock, not time.time()
+    os.utime(path, (now - 10, now - 10))
+    assert not taker.claim(("rd", 0))  # 10 s old: still live
+    os.utime(path, (now - 31, now - 31))
+    with caplog.at_level(logging.WARNING):
+        assert taker.claim(("rd", 0))
+    assert "took over rd seed 0" in caplog.text and "elsewhere" in caplog.text
+    assert [g for g, _ in taker.folder.lane_claims("rd", 0)] == [1]
+    owner.heartbeat()  # the frozen owner wakes up: it sees the newer claim and abandons the lane
+    assert owner.lost(("rd", 0)) and owner.cancel_for(("rd", 0), None).is_set()
+    owner.release(("rd", 0))
+    assert taker.folder.lane_claims("rd", 0)[0][1].exists()  # releasing a lost lane leaves the taker's claim
+
+
+def test_a_dead_process_on_this_host_is_stale_at_once(tmp_path):
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    folder = RunFolder(tmp_path / "run")
+    create_exclusive(folder.lane_claim("low", 0, 0), {"host": socket.gethostname(), "pid": p.pid, "rank": 1})
+    c = _claims(tmp_path)
+    assert c.claim(("low", 0)) and c.held[("low", 0)].generation == 1
+
+
+def test_a_claim_file_is_created_once(tmp_path):
+    target = tmp_path / "c" / "x.json"
+    assert create_exclusive(target, {"n": 1}) and not create_exclusive(target, {"n": 2})
+    assert json.loads(target.read_text()) == {"n": 1} and list(target.parent.iterdir()) == [target]
+
+
+def test_the_report_is_claimed_by_exactly_one_process(tmp_path):
+    cs = [_claims(tmp_path, "aaaa", rank=r, world=3) for r in range(3)]
+    assert [c.claim_report() for c in cs] == [True, False, False]
+
+
+def test_an_unshared_run_folder_is_reported_after_the_timeout(tmp_path, caplog):
+    c = _claims(tmp_path, "aaaa", rank=0, world=2, timeout=0.2)
+    c.enter()
+    with caplog.at_level(logging.WARNING):
+        c.start()
+        time.sleep(0.8)
+        c.leave()
+    assert "processes [1] of this launch" in caplog.text and "shares" in caplog.text
+    assert not c.folder.claims_dir.exists()  # the last worker out removes claims/
+
+
+def test_claim_timeout_is_checked():
+    with pytest.raises(ValueError, match="claim_timeout"):
+        run_chain(PIPE, _dataset(), _cfg(), "/nonexistent/run", backend=FakeBackend().backend(), claim_timeout=0)
+
+
+def test_srun_tasks_become_torch_ranks():
+    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "2(x2)"}
+    assert distributed.slurm_to_torch_env(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"]) == ("3", "4", "1", "2")
+    assert distributed.launched_world_size(env) == 4
+    torchrun = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "WORLD_SIZE": "8", "RANK": "5"}
+    assert not distributed.slurm_to_torch_env(torchrun) and torchrun["RANK"] == "5"  # a launcher's own vars win
+    assert distributed.launched_world_size({}) == 1 and distributed.current().world_size == 1
+
+
+# ------------------------------------------------------------------------------------------- runs (fake backend)
+def test_one_process_leaves_no_claims_and_refuses_a_live_other_launch(tmp_path):
+    run = tmp_path / "run"
+    run_chain(PIPE, _dataset(), _cfg(), run, backend=FakeBackend().backend(), render=False)
+    assert not (run / "claims").exists()
+    folder = RunFolder(run)
+    other = {"launch": "bbbb", "host": socket.gethostname(), "pid": os.getppid(), "rank": 0}  # a live process
+    create_exclusive(folder.worker_claim("bbbb", 0), other)
+    before = folder.run_json.read_bytes()
+    with pytest.raises(FileExistsError, match=f"in use by another launch .*pid {os.getppid()}"):
+        run_chain(PIPE, _dataset(), _cfg(), run, resume=True, backend=FakeBackend().backend(), render=False)
+    assert folder.run_json.read_bytes() == before  # refused before anything was touched
+    other["pid"] = 2**22 + 12345  # no such process: its launch died, so its files are cleared
+    folder.worker_claim("bbbb", 0).write_text(json.dumps(other))
+    res = run_chain(PIPE, _dataset(), _cfg(), run, resume=True, backend=FakeBackend().backend(), render=False)
+    assert res.status == "complete" and not (run / "claims").exists()
+
+
+def test_a_method_named_claims_is_refused():
+    with pytest.raises(ValueError, match="name"):
+        MethodConfig("claims", cfg=2.0)
+
+
+def test_lanes_mode_gives_the_files_of_one_process_and_takes_over_a_stale_lane(tmp_path, caplog):
+    cfg = _cfg(seeds=(0, 1))
+    one = tmp_path / "one"
+    run_chain(PIPE, _dataset(), cfg, one, backend=FakeBackend().backend(), render=False)
+    run = tmp_path / "lanes"
+    folder = RunFolder(run)
+    planted = []
+
+    def plant_stale_claim(ev):  # while rank 0 runs its first lane, a dead machine "holds" rd seed 1
+        if not planted:
+            p = folder.lane_claim("rd", 1, 0)
+            create_exclusive(p, {"launch": "dead", "host": "elsewhere", "pid": 1, "rank": 1})
+            os.utime(p, (time.time() - 100, time.time() - 100))
+            planted.append(p)
+
+    with caplog.at_level(logging.WARNING):
+        res = run_chain(PIPE, _dataset(), cfg, run, progress=plant_stale_claim, backend=FakeBackend().backend(),
+                        processes=FakeProcs(rank=0, world_size=2), claim_timeout=5.0)
+    assert planted and "took over rd seed 1" in caplog.text
+    assert res.status == "complete" and res.report is not None and res.report.exists()
+    assert res.verdicts.keys() == {"low", "rd"} and all(len(v) == 2 for s in res.verdicts.values() for v in s.values())
+    got = {k: v for k, v in _files(run).items() if not k.startswith(("report", "curves", "grid", "metrics.csv"))}
+    assert got == _files(one) and json.loads((run / "run.json").read_text())["status"] == "complete"
+    assert not (run / "claims").exists()
+
+
+def test_a_process_waits_for_a_lane_held_by_a_live_process(tmp_path):
+    run = tmp_path / "run"
+    folder = RunFolder(run)
+    held = {}
+
+    def hold_rd(ev):  # a live process of this launch (another host, fresh heartbeat) holds rd, then finishes it
+        if not held:
+            held["p"] = folder.lane_claim("rd", 0, 0)
+            create_exclusive(held["p"], {"launch": "x", "host": "elsewhere", "pid": 1, "rank": 1})
+            held["t"] = time.monotonic()
+
+    import threading
+
+    def release_later():
+        while "p" not in held:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        held["p"].unlink()
+
+    t = threading.Thread(target=release_later)
+    t.start()
+    res = run_chain(PIPE, _dataset(), _cfg(), run, progress=hold_rd, backend=FakeBackend().backend(),
+                    render=False, processes=FakeProcs(rank=0, world_size=2), claim_timeout=4.0)
+    t.join()
+    assert res.status == "complete" and time.monotonic() - held["t"] >= 1.0
+    assert all(folder.is_done(m, 0, i) for m in ("low", "rd") for i in range(2))
+
+
+# ------------------------------------------------------------------------------------------- real processes
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _clean_env(one_thread: bool = True, **extra) -> dict:
+    """This environment without any launcher's variables; ``one_thread``: BLAS/OpenMP on one thread (as torchrun
+    sets it), else the thread settings of this pytest process (for a comparison with an in-process run)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "OMPI_", "PMI_", "ACCELERATE_")) and k not in (
+               "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    if one_thread:
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+@pytest.mark.slow
+def test_accelerate_launch_of_two_processes_gives_the_files_of_one(tiny_sd_dir, tmp_path):
+    from test_chain_resume import _assert_same, _outputs
+
+    if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("accelerate's launcher is not installed")
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i, cap in enumerate(["a red circle", "a blue square", "a green triangle", "a yellow star"]):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / f"img{i}.png")
+        (data / f"img{i}.txt").write_text(cap)
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'[pipeline]\nsource = "{tiny_sd_dir}"\ndevice = "cpu"\n[dataset]\nsource = "data"\n'
+                    "[chain]\niterations = 2\nsteps = 2\n[train]\nsteps = 2\nbatch_size = 2\n"
+                    '[[methods]]\nname = "rd"\nkind = "redifine"\n'
+                    '[[methods]]\nname = "low"\nkind = "baseline"\ncfg = 1.5\n')
+    one = tmp_path / "one"  # one process in the environment the launcher gives its processes (OMP_NUM_THREADS=1):
+    # FID's float64 linear algebra changes in the 10th digit with the BLAS thread count, whatever the process count
+    r = subprocess.run([sys.executable, "-m", "redifine_core.cli", "chain", str(toml), "--out", str(one), "--quiet"],
+                       env=_clean_env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = tmp_path / "two"
+    # --multi_gpu is accelerate's multi-process launcher (torchrun); on a machine without CUDA the processes use
+    # gloo on the CPU (accelerate's --cpu starts one process unless MPI is set up)
+    r = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes",
+                        "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                        "--main_process_port", str(_free_port()), "-m", "redifine_core.cli", "chain", str(toml),
+                        "--out", str(two)], env=_clean_env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    assert any(ln.startswith("[rank 0/2] ") for ln in lines) and any(ln.startswith("[rank 1/2] ") for ln in lines)
+    ran = {ln.split()[0] + ln.split()[1]: ln.split()[3] for ln in lines if ln.endswith(": training")}
+    assert len(set(ran.values())) == 2  # each process ran one method
+    assert sum(ln.startswith("report: ") for ln in lines) == 1  # exactly one process rendered the report
+    _assert_same(_outputs(two), _outputs(one))
+    assert json.loads((two / "run.json").read_text())["status"] == "complete" and (two / "report.html").exists()
+    assert not (two / "claims").exists()
+
+
+def _start_tasks(run: Path, *, kill_rank: int | None = None, kill_at: str = "", extra: dict | None = None,
+                 timeout: float = 3.0) -> list[subprocess.Popen]:
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = _clean_env(False, SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
+                         MASTER_ADDR="127.0.0.1", MASTER_PORT=port, CUDA_VISIBLE_DEVICES="")
+        if rank == kill_rank:
+            env["REDIFINE_TEST_KILL_AT"] = kill_at
+        args = [sys.executable, str(HERE / "scale_helper.py"), str(run), "--timeout", str(timeout)]
+        args += (extra or {}).get(rank, [])
+        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _finish(procs: list[subprocess.Popen], limit: float = 600) -> list[tuple[int, str, str]]:
+    """Wait for every task, reaping each as it ends (a dead task must not linger as a zombie)."""
+    end = time.monotonic() + limit
+    while any(p.poll() is None for p in procs) and time.monotonic() < end:
+        time.sleep(0.2)
+    out = []
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        so, se = p.communicate()
+        out.append((p.returncode, so, se))
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_one_of_two_processes_the_other_takes_over_and_the_result_is_exact(tmp_path):
+    import torch
+
+    from chain_resume_helper import THREADS, make_inputs
+    from test_chain_resume import _assert_same, _outputs
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        ref = tmp_path / "ref"
+        pipe, ds, cfg = make_inputs()
+        run_chain(pipe, ds, cfg, ref, render=False)
+        run = tmp_path / "run"
+        # lanes: (low, 0) then (rd, 0); rank 1 starts at rd = unit 1 (rd iter 0); it dies inside training
+        (r0, out0, err0), (r1, _, err1) = _finish(_start_tasks(run, kill_rank=1, kill_at="1:train:1"))
+        assert r1 == -9, err1[-2000:]
+        assert r0 == 0, err0[-3000:]
+        assert "took over rd seed 0" in err0 and "rank 0/2: complete" in out0
+        _assert_same(_outputs(run), _outputs(ref))
+        pipe, ds, cfg = make_inputs()
+        res = run_chain(pipe, ds, cfg, run, resume=True, render=False)  # a resume finds the run complete
+        assert res.status == "complete"
+        _assert_same(_outputs(run), _outputs(ref))
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.slow
+def test_processes_that_disagree_on_the_config_are_refused_naming_the_field(tmp_path):
+    results = _finish(_start_tasks(tmp_path / "run", extra={1: ["--steps", "4"]}))
+    for rc, _, err in results:
+        assert rc == 2, err[-2000:]
+        assert "process rank 1" in err and "config.steps" in err and "run.json" in err
