@@ -583,3 +583,43 @@ def test_public_vae_construction_only_for_the_layout_comfyui_builds(tiny_sd):
     assert native_mod.public_vae_possible(read_json(CONFIG_ROOT / "sdxl" / "vae" / "config.json"))
     assert not native_mod.public_vae_possible({**sd15, "norm_num_groups": 8})
     assert not native_mod.public_vae_possible(tiny_sd.vae.config)  # tiny/toy layouts keep the wrapper
+
+
+def test_native_state_is_the_loaders_tensors_in_original_layout_and_unsafe_cases_are_named():
+    import types
+
+    class Clip(torch.nn.Module):
+        def __init__(self, extra=False):
+            super().__init__()
+            self.clip_l = torch.nn.Module()
+            self.clip_l.transformer = torch.nn.Linear(2, 2)
+            self.clip_l.logit_scale = torch.nn.Parameter(torch.ones(()))
+            if extra:
+                self.clip_g = torch.nn.Linear(2, 2)
+
+    def objects(model_type="EPS", lowvram=False, extra=False):
+        base = torch.nn.Module()
+        base.diffusion_model = torch.nn.Linear(3, 3)
+        base.model_type = types.SimpleNamespace(name=model_type)
+        base.model_lowvram = lowvram
+        clip_module = Clip(extra)
+        model = types.SimpleNamespace(model=base, patches={})
+        clip = types.SimpleNamespace(cond_stage_model=clip_module,
+                                     patcher=types.SimpleNamespace(patches={}, model=clip_module))
+        vae_module = torch.nn.Conv2d(1, 1, 1)
+        vae = types.SimpleNamespace(first_stage_model=vae_module, patcher=types.SimpleNamespace(model=vae_module))
+        return model, clip, vae
+
+    model, clip, vae = objects()
+    tensors, prediction = comfy_mod.native_sd1_tensors(model, clip, vae)
+    assert prediction == "epsilon"
+    assert sorted(tensors) == ["cond_stage_model.transformer.bias", "cond_stage_model.transformer.weight",
+                               "first_stage_model.bias", "first_stage_model.weight",
+                               "model.diffusion_model.bias", "model.diffusion_model.weight"]
+    assert tensors["model.diffusion_model.weight"].data_ptr() == model.model.diffusion_model.weight.data_ptr()
+    assert comfy_mod.native_sd1_tensors(*objects("V_PREDICTION"))[1] == "v_prediction"
+    for kwargs, message in (({"model_type": "FLOW"}, "the MODEL's type is FLOW"),
+                            ({"lowvram": True}, "partially loaded"),
+                            ({"extra": True}, r"the CLIP holds \['clip_g'\] besides clip_l")):
+        with pytest.raises(ValueError, match=message):
+            comfy_mod.native_sd1_tensors(*objects(**kwargs))

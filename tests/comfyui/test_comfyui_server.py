@@ -223,3 +223,19 @@ def test_cancelled_chain_is_marked_cancelled_and_resumes(server):
     assert json.loads((run / "run.json").read_text())["status"] == "complete"
     assert len(list(run.glob("**/DONE"))) == 4  # 2 methods x 2 iterations
     assert all(d.stat().st_mtime_ns == t for d, t in stamps.items())  # finished iterations were kept, not redone
+
+
+def test_heavy_nodes_leave_the_pipeline_on_the_offload_device(server):
+    p = _prompt(server, "train_then_ksampler")
+    p = {k: p[k] for k in ("1", "2", "3")}
+    p["3"]["inputs"].update(steps=2, lora_name="offload_lora")
+    p["13"] = {"class_type": "ReDiFineGenerate", "inputs": {
+        "pipeline": ["1", 0], "prompts": "a red circle", "schedule": "redifine", "steps": 2, "sampler": "ddim",
+        "seed": 0, "width": 0, "height": 0, "negative_prompt": "", "lora_scale": 1.0, "lora": ["3", 0],
+        "keep_loaded": False}}
+    p["90"] = {"class_type": "ReDiFineTestMemory", "inputs": {"pipeline": ["1", 0], "after": ["3", 1]}}
+    p["91"] = {"class_type": "ReDiFineTestMemory", "inputs": {"pipeline": ["1", 0], "after": ["13", 0]}}
+    out = server.run(p, timeout=400)["outputs"]
+    for node in ("90", "91"):
+        info = json.loads(out[node]["text"][0])
+        assert info["devices"] == [info["offload_device"]] and info["pipeline_device"] == info["offload_device"]
