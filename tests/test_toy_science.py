@@ -171,3 +171,13 @@ def test_findings_and_contradicting_verdict_cells():
     assert bad == ["redifine seed 0 iteration 1: 'drifting to blur', but the study found no blur for redifine"]
     assert contradictions({"baseline-high": {0: ["drifting to blur"]}}, found) == [
         "baseline-high seed 0 iteration 0: 'drifting to blur', but the study found no blur for cfg-7.5"]
+
+
+def test_one_seed_answers_unclear_not_yes():
+    from redifine_core.toy.science import answers, findings, study
+
+    one = {m: {0: seeds[0]} for m, seeds in _records(np.random.default_rng(1)).items()}
+    text = "\n".join(answers(study(one)))
+    assert "Does low CFG 1.5 drift towards blur? unclear:" in text
+    assert "Only 1 seed(s)" in text
+    assert findings(study(one))["cfg-7.5"] == {"blur": "unclear", "over-guidance": "unclear"}

@@ -231,8 +231,11 @@ def study(records) -> dict:
 
 
 def _direction(changes: dict, keys: Sequence[str], sign: int) -> tuple[str, list[str]]:
-    """yes (>= 2 metrics' intervals entirely on the mode's side of 0), no (none), or partly; and the evidence."""
-    clear, text = 0, []
+    """yes (>= 2 metrics' intervals entirely on the mode's side of 0), no (none), or partly; and the evidence.
+
+    "unclear" when no metric has an interval (a single seed): one value cannot say which side of 0 the mean is on.
+    """
+    clear, text, spread = 0, [], False
     for k in keys:
         if k not in changes:
             continue
@@ -240,7 +243,10 @@ def _direction(changes: dict, keys: Sequence[str], sign: int) -> tuple[str, list
         kind = dict((c[0], c[1]) for c in CHANGE_KEYS)[k]
         fmt = (lambda x: f"{x:+.0%}") if kind == "rel" else (lambda x: f"{x:+.3g}")
         text.append(f"{k} {fmt(m)} [{fmt(lo)}, {fmt(hi)}]")
+        spread |= hi > lo
         clear += (hi < 0) if sign < 0 else (lo > 0)
+    if not spread:
+        return "unclear", text
     return ("yes" if clear >= 2 else "no" if clear == 0 else "partly"), text
 
 
@@ -296,7 +302,8 @@ _OPPOSITE = {"drifting to blur": "blur", "drifting to over-guidance": "over-guid
 
 
 def findings(result: dict) -> dict[str, dict[str, str]]:
-    """``{method: {"blur": yes|no|partly, "over-guidance": yes|no|partly}}`` from ``study()``, by the answers' rule."""
+    """``{method: {"blur": ..., "over-guidance": ...}}`` (yes, no, partly or unclear) from ``study()``, by the answers'
+    rule."""
     return {m: {"blur": _direction(v["changes"], BLUR_KEYS, -1)[0],
                 "over-guidance": _direction(v["changes"], OVER_KEYS, +1)[0]} for m, v in result["methods"].items()}
 
