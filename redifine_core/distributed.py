@@ -40,7 +40,7 @@ def slurm_to_torch_env(env: Optional[dict] = None) -> bool:
     env["RANK"] = env["SLURM_PROCID"]
     env["WORLD_SIZE"] = env["SLURM_NTASKS"]
     env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
-    tasks_per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+    tasks_per_node = (env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "")).split("(")[0].split(",")[0]
     if tasks_per_node.isdigit():
         env.setdefault("LOCAL_WORLD_SIZE", tasks_per_node)
     return True
