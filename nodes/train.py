@@ -9,7 +9,7 @@ from .common import (ANY, CATEGORY, ComfyCancel, ProgressAdapter, bound_error, c
                      path_inside, run_checks, safe_name, widget)
 from .gpu import KEEP_LOADED_TOOLTIP, on_device
 
-PRECISIONS = ("no", "fp16", "bf16")
+PRECISIONS = ("auto", "no", "fp16", "bf16")  # TrainConfig.mixed_precision; "auto" follows the weights
 
 
 def lora_filename(lora_name: str) -> str:
@@ -76,10 +76,13 @@ class ReDiFineTrainLoRA:
                                          "512 for SD1.5, 32 for toy).", zero_means_default=True)),
             "seed": ("INT", widget("seed", 0, "Seed for noise, timesteps and condition drop: same seed + inputs = "
                                    "same LoRA.")),
-            "precision": (list(PRECISIONS), {"default": "no", "tooltip":
-                          "Mixed precision for the forward pass: no (fp32), fp16 or bf16 (GPU)."}),
+            "precision": (list(PRECISIONS), {"default": "auto", "tooltip":
+                          "Mixed precision for the forward pass. auto follows the loaded weights (fp16 weights train "
+                          "with fp16 autocast and loss scaling, bf16 with bf16 autocast, fp32 in fp32); no, fp16 or "
+                          "bf16 choose for fp32 weights. LoRA weights and optimizer state are always fp32."}),
             "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip":
-                                       "Recompute activations in the backward pass: less memory, slower."}),
+                                       "On: always recompute activations in the backward pass (less memory, "
+                                       "slower). Off: automatic, on for SDXL where it pays, off otherwise."}),
         }, "optional": {
             "keep_loaded": ("BOOLEAN", {"default": False, "tooltip": KEEP_LOADED_TOOLTIP}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
@@ -131,7 +134,7 @@ class ReDiFineTrainLoRA:
         config = TrainConfig(steps=int(steps), learning_rate=float(learning_rate), rank=int(rank), alpha=float(alpha),
                              cond_drop=float(cond_drop), batch_size=int(batch_size),
                              resolution=int(resolution) or None, mixed_precision=precision,
-                             gradient_checkpointing=bool(gradient_checkpointing), seed=int(seed))
+                             gradient_checkpointing=True if gradient_checkpointing else None, seed=int(seed))
         with torch.inference_mode(False), comfy_cancellation(), on_device(pipeline, bool(keep_loaded)):
             result = finetune_lora(pipeline, dataset, config, progress=ProgressAdapter(unique_id, phases=("train",)),
                                    cancel=ComfyCancel())
