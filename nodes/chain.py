@@ -7,7 +7,9 @@ import os
 from redifine_core.chain import PROTOCOLS, RunFolder, parse_method_line, parse_methods  # noqa: F401 (re-exported)
 
 from . import _comfy
-from .common import CATEGORY, ComfyCancel, ProgressAdapter, comfy_cancellation, name_error, path_inside, pils_to_tensor
+from .common import (CATEGORY, ComfyCancel, ProgressAdapter, comfy_cancellation, name_error, path_inside,
+                     pils_to_tensor, widget)
+from .gpu import KEEP_LOADED_TOOLTIP, on_device
 
 RUNS_SUBDIR = "redifine"
 """Runs live in ``<ComfyUI output>/redifine/<run_name>``. Method lines are parsed and validated by the core's
@@ -130,28 +132,29 @@ class ReDiFineChain:
                         "One method per line: 'baseline <cfg>' (constant CFG, no condition drop), 'redifine' "
                         "(condition drop + decaying CFG schedule; options cond_drop=, schedule=) or "
                         "'custom schedule=<spec> cond_drop=<p>'. Prefix 'name: ' to label a line."}),
-            "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Denoising steps per generated image."}),
+            "steps": ("INT", widget("steps", 20, "Denoising steps per generated image.")),
             "sampler": (samplers, {"default": "ddim", "tooltip": "The denoising sampler for generation."}),
-            "images_per_caption": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip":
-                                   "Images generated per caption in each iteration."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip":
-                     "Seed of the first replicate (training and generation seeds follow from it)."}),
+            "images_per_caption": ("INT", widget("images_per_caption", 1,
+                                                 "Images generated per caption in each iteration.")),
+            "seed": ("INT", widget("seed", 0, "Seed of the first replicate (training and generation seeds follow "
+                                   "from it).")),
             "replicates": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip":
                            "Independent replicate chains (seeds seed, seed+1, ...) for error bars."}),
-            "train_steps": ("INT", {"default": 200, "min": 1, "max": 100000, "tooltip":
-                            "LoRA optimizer steps per iteration."}),
-            "rank": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "LoRA rank (alpha = rank)."}),
-            "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-5, "round": False,
-                              "tooltip": "AdamW learning rate."}),
-            "batch_size": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "Images per optimizer step."}),
-            "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8, "tooltip":
-                           "Training and generation size in pixels; 0 = the model's own."}),
+            "train_steps": ("INT", widget("train_steps", 200, "LoRA optimizer steps per iteration.")),
+            "rank": ("INT", widget("rank", 4, "LoRA rank (alpha = rank).")),
+            "learning_rate": ("FLOAT", widget("learning_rate", 1e-4, "AdamW learning rate.", min=1e-7, step=1e-5,
+                                              round=False)),
+            "batch_size": ("INT", widget("batch_size", 4, "Images per optimizer step.")),
+            "resolution": ("INT", widget("resolution", 0, "Training and generation size in pixels; 0 = the model's "
+                                         "own.", zero_means_default=True)),
             "protocol": (list(PROTOCOLS), {"default": "restart", "tooltip":
                          "restart = each LoRA is trained from the base model (the paper's protocol); continue = "
                          "keep training the previous iteration's LoRA."}),
             "resume": ("BOOLEAN", {"default": True, "tooltip":
                        "Continue a run folder of the same name (finished iterations are kept); off = refuse to "
                        "touch an existing folder."}),
+        }, "optional": {
+            "keep_loaded": ("BOOLEAN", {"default": False, "tooltip": KEEP_LOADED_TOOLTIP}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
@@ -175,7 +178,8 @@ class ReDiFineChain:
         return True
 
     def run(self, pipeline, dataset, run_name, iterations, methods, steps, sampler, images_per_caption, seed,
-            replicates, train_steps, rank, learning_rate, batch_size, resolution, protocol, resume, unique_id=None):
+            replicates, train_steps, rank, learning_rate, batch_size, resolution, protocol, resume, unique_id=None,
+            keep_loaded=False):
         import torch
 
         from redifine_core.chain import ChainConfig, run_chain
@@ -198,7 +202,7 @@ class ReDiFineChain:
             images_per_caption=int(images_per_caption), steps=int(steps), sampler=sampler,
             seeds=tuple(int(seed) + i for i in range(int(replicates))), protocol=protocol, width=size, height=size,
         )
-        with torch.inference_mode(False), comfy_cancellation():
+        with torch.inference_mode(False), comfy_cancellation(), on_device(pipeline, bool(keep_loaded)):
             run_chain(pipeline, dataset, config, run_dir, progress=ChainProgress(unique_id, run_dir),
                       cancel=ComfyCancel(), resume=bool(resume) and folder.exists())  # also renders the report
         grids = folder.grids()

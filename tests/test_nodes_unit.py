@@ -51,7 +51,7 @@ INPUT_ORDER = {
     "ReDiFinePlotSchedule": ["schedules", "steps"],
     "ReDiFineChain": ["pipeline", "dataset", "run_name", "iterations", "methods", "steps", "sampler",
                       "images_per_caption", "seed", "replicates", "train_steps", "rank", "learning_rate", "batch_size",
-                      "resolution", "protocol", "resume"],
+                      "resolution", "protocol", "resume", "keep_loaded"],
     "ReDiFineCollapseMetrics": ["reference", "generated", "features"],
     "ReDiFinePipelineToNative": ["pipeline"],
     "ReDiFinePipelineFromNative": ["model", "clip", "vae", "fallback"],
