@@ -153,6 +153,12 @@ def test_study_answers_the_questions_with_intervals():
     assert "within cfg-2's interval" in red and "above (more drift than) cfg-2's interval" in rising
     assert "Which half of ReDiFine does the work? condition drop (drop-cfg-7.5" in text
     assert not any(l.startswith("schedule-no-drop: final drift") for l in lines)  # a half, not a reading
+    from redifine_core.toy.science import format_study
+
+    table = format_study(result).splitlines()
+    row = next(l for l in table if l.startswith("cfg-1.5") and l.split()[1] == "1")
+    d = result["methods"]["cfg-1.5"]["iterations"][1]["drift"]
+    assert f"{d[0]:.3f} [{d[1]:.3f}, {d[2]:.3f}]" in row
     assert result["methods"]["cfg-1.5"]["changes"]["spectral_slope"][0] < -0.5
     assert not any(l.startswith("Only") for l in lines)  # five seeds: the study's bar
 

@@ -254,6 +254,15 @@ def _ival(x: tuple[float, float, float]) -> str:
     return f"{x[0]:.3f} [{x[1]:.3f}, {x[2]:.3f}]"
 
 
+def format_study(result: dict) -> str:
+    """Drift from iteration 0 and prompt fidelity per method and iteration: mean [95 % interval] over seeds."""
+    lines = [f"{'method':<24} iter  {'drift from iteration 0':>28}  {'prompt fidelity':>28}"]
+    for method, m in result["methods"].items():
+        for i, st in m["iterations"].items():
+            lines.append(f"{method:<24} {i:>4}  {_ival(st['drift']):>28}  {_ival(st['fidelity']):>28}")
+    return "\n".join(lines)
+
+
 def answers(result: dict) -> list[str]:
     """The study's questions answered in plain lines from ``study()``'s numbers, "no" and "unclear" included."""
     ms, lines = result["methods"], []
@@ -391,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     print("D0: " + "  ".join(f"{k}={ref[k]:.4g}" for k in KEYS if k in ref))
     print(format_table(summary))
     result = study(records)
+    print(format_study(result))
     for line in answers(result):
         print(line)
     if args.plot:
