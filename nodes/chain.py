@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from redifine_core.chain import PROTOCOLS, RunFolder, parse_method_line, parse_methods  # noqa: F401 (re-exported)
+from redifine_core.report_answer import plain_answer
 
 from . import _comfy
 from .common import (CATEGORY, ComfyCancel, ProgressAdapter, comfy_cancellation, name_error, path_inside,
@@ -109,7 +110,9 @@ class ReDiFineChain:
     OUTPUT_TOOLTIPS = (
         "One grid per method: rows are iterations (D0 first), columns are captions.",
         "Metric curves along the chain, one line per method.",
-        "The verdict for the last iteration of each method (stable / drifting to blur / drifting to over-guidance).",
+        "The answer in plain sentences (what each method did over the rounds, from this run's numbers), then the "
+        "verdict for the last iteration of each method and seed (stable / drifting to blur / drifting to "
+        "over-guidance / drifting from the data / inconclusive) with its reasons.",
         "The run folder (inside ComfyUI's output folder) with report.html.",
     )
 
@@ -209,5 +212,6 @@ class ReDiFineChain:
         grid_t = pils_to_tensor(_load_images(grids)) if grids else torch.zeros(1, 64, 64, 3)
         curves = folder.curves_png
         curves_t = pils_to_tensor(_load_images([curves])) if curves.exists() else torch.zeros(1, 64, 64, 3)
-        verdict = "\n".join(final_verdicts(run_dir)) or "no finished iteration"
+        verdicts = "\n".join(final_verdicts(run_dir))
+        verdict = (plain_answer(run_dir) + "\n\n" + verdicts) if verdicts else "no finished iteration"
         return {"ui": {"text": [verdict]}, "result": (grid_t, curves_t, verdict, run_dir)}

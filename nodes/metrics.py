@@ -29,14 +29,16 @@ def metrics_table(reference: dict, generated: dict) -> str:
 class ReDiFineCollapseMetrics:
     DESCRIPTION = ("Measures how far a generated set drifted from a reference set (e.g. the training images): "
                    "sharpness and spectrum (blur), saturation and clipping (over-guidance), diversity and FID/KID, "
-                   "and says whether it looks stable, drifting to blur or drifting to over-guidance.")
+                   "and says whether it looks stable, drifting to blur, drifting to over-guidance, drifting from the "
+                   "data, or inconclusive (too few images, or signs of both modes).")
     CATEGORY = CATEGORY + "/analysis"
     FUNCTION = "measure"
     OUTPUT_NODE = True
     RETURN_TYPES = ("STRING", "STRING")
     RETURN_NAMES = ("metrics", "verdict")
     OUTPUT_TOOLTIPS = ("A text table of every metric for both sets and the relative change.",
-                       "The verdict ('stable', 'drifting to blur' or 'drifting to over-guidance') with its reasons.")
+                       "The verdict ('stable', 'drifting to blur', 'drifting to over-guidance', 'drifting from the "
+                       "data' or 'inconclusive') with its reasons; fewer than 16 images per set read 'inconclusive'.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -49,17 +51,19 @@ class ReDiFineCollapseMetrics:
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def measure(self, reference, generated, features, unique_id=None):
-        from redifine_core.metrics import set_metrics, verdict
+        from redifine_core.metrics import SetSummary, get_feature_extractor, set_metrics, verdict
 
         for name, batch in (("reference", reference), ("generated", generated)):
             if int(batch.shape[0]) < 2:
                 raise ValueError(f"{name}: needs at least 2 images for FID/KID, got {int(batch.shape[0])}")
         feats = "handcrafted" if features == "handcrafted" else "auto"
         with comfy_cancellation():
-            ref = set_metrics(reference, reference, features=feats, cancel=ComfyCancel())
-            gen = set_metrics(generated, reference, features=feats, progress=ProgressAdapter(unique_id),
+            extractor = get_feature_extractor(feats)  # Inception weights (if any) load once
+            ref_set = SetSummary.from_images(reference, features=extractor, cancel=ComfyCancel())
+            ref = set_metrics(ref_set, ref_set, features=extractor, cancel=ComfyCancel())
+            gen = set_metrics(generated, ref_set, features=extractor, progress=ProgressAdapter(unique_id),
                               cancel=ComfyCancel())
-        v = verdict(gen, ref)
+        v = verdict(gen, ref, n_images=min(int(reference.shape[0]), int(generated.shape[0])))
         table = metrics_table(ref, gen)
         text = v.label + "".join(f"\n- {r}" for r in v.reasons)
         return {"ui": {"text": [table + "\n\nverdict: " + text]}, "result": (table, text)}

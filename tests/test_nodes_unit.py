@@ -623,3 +623,15 @@ def test_native_state_is_the_loaders_tensors_in_original_layout_and_unsafe_cases
                             ({"extra": True}, r"the CLIP holds \['clip_g'\] besides clip_l")):
         with pytest.raises(ValueError, match=message):
             comfy_mod.native_sd1_tensors(*objects(**kwargs))
+
+
+def test_collapse_metrics_node_reads_the_image_count():
+    """The node passes the set size to the verdict: 4 images read 'inconclusive' with the reason, 16 do not."""
+    node = MAPPINGS["ReDiFineCollapseMetrics"]()
+    g = torch.Generator().manual_seed(0)
+    for n, inconclusive in ((4, True), (16, False)):
+        ref = torch.rand(n, 32, 32, 3, generator=g)
+        table, text = node.measure(ref, ref.clone(), "handcrafted")["result"]
+        assert text.startswith("inconclusive") is inconclusive, text
+        assert ("only 4 images per set" in text) is inconclusive
+        assert "hf_share" in table
