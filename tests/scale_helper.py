@@ -2,6 +2,7 @@
 
     SLURM_PROCID=r SLURM_NTASKS=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=p python scale_helper.py RUN [--timeout T]
         [--steps N] [--resume]
+    ... python scale_helper.py OUT.safetensors --train      # one LoRA trained data-parallel (train_inputs())
 
 Runs the chain of chain_resume_helper.make_inputs (tiny SD, 2 methods, 2 iterations) in RUN with the launch found in
 the environment (redifine_core.distributed.current). REDIFINE_TEST_KILL_AT (see chain_resume_helper.kill_hook)
@@ -21,7 +22,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chain_resume_helper import THREADS, kill_hook, make_inputs  # noqa: E402
 
 
+def train_inputs():
+    """(pipeline, dataset, TrainConfig) of the data-parallel test: global batch 4, condition drop, flips."""
+    from redifine_core.training import TrainConfig
+
+    pipe, ds, _ = make_inputs()
+    return pipe, ds, TrainConfig(steps=3, batch_size=4, cond_drop=0.5, random_flip=True, seed=7)
+
+
+def _train(out: str) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    from redifine_core.distributed import current
+    from redifine_core.training import finetune_lora
+
+    procs = current()
+    torch.set_num_threads(THREADS)
+    pipe, ds, cfg = train_inputs()
+    res = finetune_lora(pipe, ds, cfg, processes=procs)
+    if procs.is_main:
+        save_file({k: v.contiguous() for k, v in res.lora.unet.items()}, out,
+                  metadata={"losses": " ".join(repr(x) for x in res.losses),
+                            "drops": repr(res.drop_masks), "indices": repr(res.sample_indices)})
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if "--train" in argv:
+        return _train(argv[0])
     import torch
 
     torch.set_num_threads(THREADS)

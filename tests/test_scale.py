@@ -325,3 +325,41 @@ def test_processes_that_disagree_on_the_config_are_refused_naming_the_field(tmp_
     for rc, _, err in results:
         assert rc == 2, err[-2000:]
         assert "process rank 1" in err and "config.steps" in err and "run.json" in err
+
+
+@pytest.mark.slow
+def test_one_lora_trained_data_parallel_on_two_processes_equals_one_process(tmp_path):
+    import torch
+    from safetensors import safe_open
+
+    from redifine_core.training import finetune_lora
+    from scale_helper import THREADS, train_inputs
+
+    out = tmp_path / "ddp.safetensors"
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = _clean_env(False, SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
+                         MASTER_ADDR="127.0.0.1", MASTER_PORT=port, CUDA_VISIBLE_DEVICES="")
+        procs.append(subprocess.Popen([sys.executable, str(HERE / "scale_helper.py"), str(out), "--train"], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for rc, _, err in _finish(procs):
+        assert rc == 0, err[-3000:]
+    old = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        pipe, ds, cfg = train_inputs()
+        one = finetune_lora(pipe, ds, cfg)
+    finally:
+        torch.set_num_threads(old)
+    with safe_open(str(out), "pt") as f:
+        md = f.metadata()
+        two = {k: f.get_tensor(k) for k in f.keys()}
+    assert sorted(two) == sorted(one.lora.unet) and len(two) > 0
+    worst = max(float((two[k] - one.lora.unet[k]).abs().max()) for k in two)
+    print(f"data-parallel vs one process: max |diff| {worst:.2e}")
+    assert worst < 1e-5, worst
+    assert any(float(v.abs().max()) > 1e-4 for k, v in two.items() if "lora_B" in k or "lora_up" in k)  # it trained
+    assert md["drops"] == repr(one.drop_masks) and md["indices"] == repr(one.sample_indices)  # per sample, not rank
+    assert any(any(m) for m in one.drop_masks) and not all(all(m) for m in one.drop_masks)
+    np.testing.assert_allclose([float(x) for x in md["losses"].split()], one.losses, rtol=1e-5)
