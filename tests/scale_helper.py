@@ -1,7 +1,7 @@
 """Helper for tests/test_scale.py: one process of a sharded chain run, started like ``srun`` starts a task.
 
     SLURM_PROCID=r SLURM_NTASKS=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=p python scale_helper.py RUN [--timeout T]
-        [--steps N] [--resume]
+        [--steps N] [--resume] [--parallel data]
     ... python scale_helper.py OUT.safetensors --train      # one LoRA trained data-parallel (train_inputs())
 
 Runs the chain of chain_resume_helper.make_inputs (tiny SD, 2 methods, 2 iterations) in RUN with the launch found in
@@ -59,6 +59,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--steps", type=int)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--parallel", choices=("units", "data"))
     a = ap.parse_args(argv)
     from redifine_core.chain import run_chain
     from redifine_core.distributed import current
@@ -68,6 +69,8 @@ def main(argv: list[str]) -> int:
     pipe, ds, cfg = make_inputs()
     if a.steps is not None:
         cfg = dataclasses.replace(cfg, steps=a.steps)
+    if a.parallel:
+        cfg = dataclasses.replace(cfg, parallel=a.parallel)
     spec = os.environ.get("REDIFINE_TEST_KILL_AT")
     try:
         res = run_chain(pipe, ds, cfg, a.run, progress=kill_hook(spec) if spec else None, resume=a.resume,

@@ -143,6 +143,30 @@ def test_one_process_leaves_no_claims_and_refuses_a_live_other_launch(tmp_path):
     assert res.status == "complete" and not (run / "claims").exists()
 
 
+def test_parallel_key_is_checked_and_a_run_from_before_it_resumes(tmp_path):
+    from redifine_core.chain import ChainConfig, check_run_folder
+    from redifine_core.training import TrainConfig
+
+    with pytest.raises(ValueError, match="parallel='sideways'"):
+        _cfg(parallel="sideways")
+    with pytest.raises(ValueError, match="train.batch_size=3 must be a multiple of the number of processes"):
+        run_chain(PIPE, _dataset(), _cfg(parallel="data", train=TrainConfig(steps=2, batch_size=3, resolution=16)),
+                  tmp_path / "x", backend=FakeBackend().backend(), processes=FakeProcs(rank=0, world_size=2))
+    assert not (tmp_path / "x").exists()
+    run = tmp_path / "run"
+    run_chain(PIPE, _dataset(), _cfg(iterations=1), run, backend=FakeBackend().backend(), render=False)
+    manifest = json.loads((run / "run.json").read_text())
+    assert manifest["config"].pop("parallel") == "units"  # as an older version wrote it
+    (run / "run.json").write_text(json.dumps(manifest))
+    check_run_folder(run, resume=True, config=_cfg(iterations=1))  # parallel missing from run.json: not a change
+    with pytest.raises(ValueError, match=r"config\.steps") as e:
+        check_run_folder(run, resume=True, config=_cfg(iterations=1, steps=3))
+    assert "config.parallel" not in str(e.value)
+    res = run_chain(PIPE, _dataset(), _cfg(iterations=1), run, resume=True, backend=FakeBackend().backend(),
+                    render=False)
+    assert res.status == "complete" and ChainConfig.from_dict(manifest["config"]).parallel == "units"
+
+
 def test_a_method_named_claims_is_refused():
     with pytest.raises(ValueError, match="name"):
         MethodConfig("claims", cfg=2.0)
@@ -363,3 +387,41 @@ def test_one_lora_trained_data_parallel_on_two_processes_equals_one_process(tmp_
     assert md["drops"] == repr(one.drop_masks) and md["indices"] == repr(one.sample_indices)  # per sample, not rank
     assert any(any(m) for m in one.drop_masks) and not all(all(m) for m in one.drop_masks)
     np.testing.assert_allclose([float(x) for x in md["losses"].split()], one.losses, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_parallel_data_trains_each_lora_over_both_processes_and_matches_one_process(tmp_path):
+    import dataclasses
+
+    import torch
+    from safetensors.torch import load_file
+
+    from chain_resume_helper import THREADS, make_inputs
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        pipe, ds, cfg = make_inputs()
+        ref = tmp_path / "ref"
+        run_chain(pipe, ds, dataclasses.replace(cfg, parallel="data"), ref, render=False)  # one process
+    finally:
+        torch.set_num_threads(old)
+    run = tmp_path / "run"
+    (r0, out0, err0), (r1, out1, err1) = _finish(_start_tasks(run, extra={0: ["--parallel", "data"],
+                                                                          1: ["--parallel", "data"]}))
+    assert r0 == 0 and r1 == 0, (err0 + err1)[-3000:]
+    assert "complete" in out0 and "complete" in out1
+    loras = sorted(p.relative_to(ref) for p in ref.rglob("lora.safetensors"))
+    assert len(loras) == 4 and sorted(p.relative_to(run) for p in run.rglob("lora.safetensors")) == loras
+    worst = 0.0
+    for rel in loras:
+        a, b = load_file(str(ref / rel)), load_file(str(run / rel))
+        assert sorted(a) == sorted(b)
+        worst = max(worst, max(float((a[k] - b[k]).abs().max()) for k in a))
+        la = json.loads((ref / rel.parent / "train.json").read_text())["losses"]
+        lb = json.loads((run / rel.parent / "train.json").read_text())["losses"]
+        np.testing.assert_allclose(lb, la, rtol=1e-5)
+    print(f"parallel='data' chain vs one process: LoRA max |diff| {worst:.2e}")
+    assert worst < 1e-5
+    assert json.loads((run / "run.json").read_text())["config"]["parallel"] == "data"
+    assert len(list(run.glob("*/seed_0/iter_*/DONE"))) == 4 and not (run / "claims").exists()

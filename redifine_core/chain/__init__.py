@@ -15,6 +15,7 @@ from .coerce import config_diff
 from .config import (
     MAX_CFG,
     METHOD_KINDS,
+    PARALLEL_MODES,
     PROTOCOLS,
     REDIFINE_COND_DROP,
     REDIFINE_SCHEDULE,
@@ -30,7 +31,7 @@ from .start import check_run_folder
 
 __all__ = [
     "DEFAULT_CLAIM_TIMEOUT", "ChainBackend", "ChainConfig", "ChainResult", "IterationRecord", "MAX_CFG", "METHOD_KINDS", "MethodConfig",
-    "PROTOCOLS", "REDIFINE_COND_DROP", "REDIFINE_SCHEDULE", "RUN_STATUSES", "RunData", "RunFolder", "SCHEMA_VERSION",
+    "PARALLEL_MODES", "PROTOCOLS", "REDIFINE_COND_DROP", "REDIFINE_SCHEDULE", "RUN_STATUSES", "RunData", "RunFolder", "SCHEMA_VERSION",
     "Unit", "check_run_folder", "config_diff", "default_backend", "image_seed", "iteration_dir", "lanes", "load_run",
     "parse_method_line", "parse_methods", "read_png", "run_chain", "train_seed", "units",
 ]

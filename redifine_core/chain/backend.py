@@ -22,7 +22,7 @@ class ChainBackend:
     ``image_statistics`` take summaries (``metrics.SetSummary``).
     """
 
-    finetune: Callable[..., Any]  # (pipeline, dataset, train_config, progress, cancel, init_lora) -> TrainResult
+    finetune: Callable[..., Any]  # (pipeline, dataset, train_config, progress, cancel, init_lora[, processes])
     generate: Callable[..., Any]  # sampling.generate
     save_lora: Callable[..., Any]
     load_lora: Callable[..., Any]
@@ -43,8 +43,9 @@ def default_backend() -> ChainBackend:
     from ..lora import load_lora, save_lora
     from ..training import finetune_lora
 
-    def finetune(pipeline, dataset, config, progress=None, cancel=None, init_lora=None):
-        return finetune_lora(pipeline, dataset, config, progress=progress, cancel=cancel, init_lora=init_lora)
+    def finetune(pipeline, dataset, config, progress=None, cancel=None, init_lora=None, processes=None):
+        return finetune_lora(pipeline, dataset, config, progress=progress, cancel=cancel, init_lora=init_lora,
+                             processes=processes)
 
     return ChainBackend(
         finetune=finetune,

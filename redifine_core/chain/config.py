@@ -24,6 +24,7 @@ from .coerce import from_dict, is_int, is_number, jsonable
 
 METHOD_KINDS: tuple[str, ...] = ("baseline", "redifine", "custom")
 PROTOCOLS: tuple[str, ...] = ("restart", "continue")
+PARALLEL_MODES: tuple[str, ...] = ("units", "data")  # how several processes share a run (docs/scale.md)
 REDIFINE_COND_DROP = 0.2
 REDIFINE_SCHEDULE = "redifine"
 MAX_CFG = bounds.MAX_CFG
@@ -140,6 +141,7 @@ class ChainConfig:
     batch_size: int = 8
     lora_scale: float = 1.0
     features: str = "auto"
+    parallel: str = "units"  # several processes: "units" (each runs whole lanes) or "data" (all train each LoRA)
 
     def __post_init__(self) -> None:
         bounds.check("iterations", self.iterations)
@@ -183,6 +185,9 @@ class ChainConfig:
             raise ValueError(f"negative_prompt={self.negative_prompt!r} must be a string")
         object.__setattr__(self, "lora_scale", bounds.check("lora_scale", self.lora_scale))
         _check_features(self.features)
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel={self.parallel!r} is not allowed; use one of {PARALLEL_MODES} ('units': the "
+                             "processes share out the methods and seeds; 'data': they train each LoRA together)")
 
     def n_units(self) -> int:
         """How many (iteration, method, seed) steps the run has."""

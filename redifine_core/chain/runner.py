@@ -13,6 +13,7 @@ the config). ``overwrite`` deletes a previous run's files and starts afresh.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -28,7 +29,7 @@ from .claims import DEFAULT_TIMEOUT, Claims, new_launch_id
 from .coerce import config_diff
 from .config import ChainConfig
 from .run_folder import SCHEMA_VERSION, RunFolder
-from .start import check_run_folder, now, open_run, versions
+from .start import check_run_folder, now, open_run, stored_config, versions
 from .unit import (  # noqa: F401 (re-exported)
     ChainResult,
     Unit,
@@ -39,6 +40,7 @@ from .unit import (  # noqa: F401 (re-exported)
     _run_unit,
     _write_reference,
     image_seed,
+    train_lora,
     train_seed,
     units,
 )
@@ -104,6 +106,10 @@ def run_chain(
     if not isinstance(claim_timeout, (int, float)) or isinstance(claim_timeout, bool) or not claim_timeout > 0:
         raise ValueError(f"claim_timeout={claim_timeout!r} must be a number of seconds > 0")
     procs = processes if processes is not None else current_processes()
+    data_parallel = config.parallel == "data" and procs.world_size > 1
+    if data_parallel and getattr(config.train, "batch_size", 0) % procs.world_size:
+        raise ValueError(f"train.batch_size={config.train.batch_size} must be a multiple of the number of processes "
+                         f"({procs.world_size}) with parallel='data' (each LoRA's global batch is split evenly)")
     folder = RunFolder(run_dir)
     if procs.is_main:
         check_run_folder(folder.root, resume=resume, overwrite=overwrite)
@@ -125,12 +131,24 @@ def run_chain(
         manifest.update(status=status, updated=now(), **extra)
         folder.write_manifest(manifest)
 
+    alone = procs.world_size == 1 or data_parallel  # one process writes the run (the others only help train)
+    if data_parallel:
+        run.train_processes = procs
+        if procs.is_main:
+            run.before_train = lambda unit: procs.broadcast(unit.index)
+        else:
+            return _follow(run, claims, procs)
     try:
-        if procs.world_size == 1:
-            claims.claim_all(lanes(config))
-            for unit in units(config):
-                run.cancel = claims.cancel_for((unit.method.name, unit.seed), cancel)
-                _run_unit(run, unit)
+        if alone:
+            try:
+                claims.claim_all(lanes(config))
+                for unit in units(config):
+                    run.cancel = claims.cancel_for((unit.method.name, unit.seed), cancel)
+                    _run_unit(run, unit)
+            finally:
+                if data_parallel:  # the other processes are done (best effort after an error outside training)
+                    with contextlib.suppress(Exception):
+                        procs.broadcast(None)
         else:
             _run_lanes(run, claims, cancel)
         run.cancel = cancel
@@ -144,7 +162,7 @@ def run_chain(
         set_status("cancelled")
         run.result.status = "cancelled"
         claims.leave()
-        if render and procs.world_size == 1:
+        if render and alone:
             run.result.report = _render_report(folder.root)
         raise
     except BaseException as e:
@@ -153,9 +171,9 @@ def run_chain(
         raise
     try:
         run.result.status = "complete"
-        if procs.world_size > 1:
+        if not alone:
             run.result.verdicts = _verdicts_on_disk(run)
-        if procs.world_size == 1 or claims.claim_report():  # exactly one process finishes the run
+        if alone or claims.claim_report():  # exactly one process finishes the run
             set_status("complete")
             n = config.n_units()
             report(progress, ProgressEvent(phase="chain", step=n, total=n, message="complete",
@@ -207,6 +225,21 @@ def _run_lanes(run: _Run, claims: Claims, cancel: Optional[CancelFlag]) -> None:
         finally:
             run.cancel = cancel
         claims.release(lane)
+
+
+def _follow(run: _Run, claims: Claims, procs: Processes) -> ChainResult:
+    """parallel="data", ranks > 0: train each LoRA rank 0 announces, together with it (rank 0 writes every file)."""
+    try:
+        while True:
+            index = procs.broadcast(None)
+            if index is None:
+                break
+            train_lora(run, units(run.config)[index])
+    finally:
+        claims.leave()
+    run.result.status = "complete"
+    run.result.verdicts = _verdicts_on_disk(run)
+    return run.result
 
 
 def _verdicts_on_disk(run: _Run) -> dict[str, dict[int, list[str]]]:
@@ -264,7 +297,7 @@ def _start(run: _Run, procs: Processes, resume: bool, overwrite: bool, timeout: 
         raise _ERRORS.get(err[0], RuntimeError)(err[1])
     if not procs.is_main:
         run.manifest = manifest
-    stored = {"config": manifest.get("config"), "dataset": manifest.get("dataset"),
+    stored = {"config": stored_config(manifest.get("config")), "dataset": manifest.get("dataset"),
               "pipeline": {"kind": (manifest.get("pipeline") or {}).get("kind")}, "size": manifest.get("size")}
     mine = {"config": fresh["config"], "dataset": fresh["dataset"], "pipeline": {"kind": fresh["pipeline"]["kind"]},
             "size": fresh["size"]}

@@ -42,6 +42,17 @@ def versions() -> dict[str, str]:
     return out
 
 
+def stored_config(config: Any) -> Any:
+    """run.json's config with the defaults of keys added since it was written (e.g. ``parallel``), so that a run
+    from an older version resumes; left as it is when it does not parse (the difference is then reported)."""
+    from .config import ChainConfig
+
+    try:
+        return json.loads(json.dumps(ChainConfig.from_dict(config).to_dict()))
+    except (ValueError, TypeError):
+        return config
+
+
 def _refuse_changes(folder: RunFolder, diff: list[str]) -> None:
     """A changed config or dataset is refused once any unit is DONE (it would mix two runs in one folder)."""
     if diff and folder.any_done():
@@ -75,7 +86,7 @@ def check_run_folder(run_dir: Union[str, Path], resume: bool = False, overwrite:
         manifest = folder.read_manifest()
         if config is not None:
             given = json.loads(json.dumps(config.to_dict()))
-            _refuse_changes(folder, [f"config.{d}" for d in config_diff(manifest["config"], given)])
+            _refuse_changes(folder, [f"config.{d}" for d in config_diff(stored_config(manifest["config"]), given)])
         return
     if non_empty:
         raise FileExistsError(f"run folder {str(root)!r} exists and is not empty; pass resume=True (CLI: --resume) "
@@ -88,7 +99,7 @@ def _stored_differences(folder: RunFolder, manifest: dict, given: dict, referenc
     if manifest.get("schema_version") != SCHEMA_VERSION:
         return [f"schema_version ({manifest.get('schema_version')!r}, this version writes {SCHEMA_VERSION})"]
     stored_pipe = manifest.get("pipeline") if isinstance(manifest.get("pipeline"), dict) else {}
-    stored = {"config": manifest.get("config"), "dataset": manifest.get("dataset"),
+    stored = {"config": stored_config(manifest.get("config")), "dataset": manifest.get("dataset"),
               "pipeline": {"kind": stored_pipe.get("kind")}}
     diff = config_diff(stored, {"config": given["config"], "dataset": given["dataset"],
                                 "pipeline": {"kind": given["pipeline"]["kind"]}})

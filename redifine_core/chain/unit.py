@@ -142,6 +142,8 @@ class _Run:
     result: ChainResult
     features: Any = None  # the run's feature extractor (resolved once)
     reference_summary: Any = None
+    train_processes: Any = None  # parallel="data": the processes every LoRA is trained over (distributed.Processes)
+    before_train: Any = None  # parallel="data", rank 0: tells the other processes which unit to train
 
     def stage(self, unit: Unit, stage: str, step: Optional[int] = None, message: Optional[str] = None) -> None:
         ctx = {"unit": unit.index, "method": unit.method.name, "seed": unit.seed, "iteration": unit.iteration}
@@ -209,9 +211,12 @@ def _training_set(run: _Run, unit: Unit) -> Any:
     return run.backend.make_dataset(images, run.folder.read_captions(*prev))
 
 
-def _train(run: _Run, unit: Unit) -> Any:
-    """LoRA_i on D_i, saved and read back (sampling uses exactly what a resumed run would read)."""
+def train_lora(run: _Run, unit: Unit) -> tuple[Any, Any, int]:
+    """Finetune LoRA_i on D_i: (TrainResult, its TrainConfig, |D_i|). With ``run.train_processes`` every process of
+    the launch calls this for the same unit (one LoRA trained data-parallel)."""
     folder, config, m, S, i = run.folder, run.config, unit.method.name, unit.seed, unit.iteration
+    if run.before_train is not None:
+        run.before_train(unit)
     d_i = _training_set(run, unit)
     run.stage(unit, "training")
     init = None
@@ -219,10 +224,17 @@ def _train(run: _Run, unit: Unit) -> Any:
         init = run.backend.load_lora(folder.lora_path(m, S, i - 1))
     tcfg = dataclasses.replace(config.train, cond_drop=float(unit.method.cond_drop or 0.0),
                                seed=train_seed(getattr(config.train, "seed", 0), S, i))
+    extra = {"processes": run.train_processes} if run.train_processes is not None else {}
+    tres = run.backend.finetune(run.pipeline, d_i, tcfg, progress=run.nested(unit), cancel=run.cancel, init_lora=init,
+                                **extra)
+    return tres, tcfg, len(d_i.captions)
+
+
+def _train(run: _Run, unit: Unit) -> Any:
+    """LoRA_i on D_i, saved and read back (sampling uses exactly what a resumed run would read)."""
+    folder, config, m, S, i = run.folder, run.config, unit.method.name, unit.seed, unit.iteration
     t0 = time.perf_counter()
-    tres = run.backend.finetune(run.pipeline, d_i, tcfg, progress=run.nested(unit), cancel=run.cancel, init_lora=init)
-    n_train = len(d_i.captions)
-    del d_i
+    tres, tcfg, n_train = train_lora(run, unit)
     run.backend.save_lora(tres.lora, folder.lora_path(m, S, i))
     write_json(folder.train_json(m, S, i), {
         "losses": [float(x) for x in tres.losses],
