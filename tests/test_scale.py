@@ -348,7 +348,8 @@ def test_processes_that_disagree_on_the_config_are_refused_naming_the_field(tmp_
     results = _finish(_start_tasks(tmp_path / "run", extra={1: ["--steps", "4"]}))
     for rc, _, err in results:
         assert rc == 2, err[-2000:]
-        assert "process rank 1" in err and "config.steps" in err and "run.json" in err
+        assert "process rank 1" in err and "disagrees with rank 0" in err and "config.steps" in err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ from .claims import DEFAULT_TIMEOUT, Claims, new_launch_id
 from .coerce import config_diff
 from .config import ChainConfig
 from .run_folder import SCHEMA_VERSION, RunFolder
-from .start import check_run_folder, now, open_run, stored_config, versions
+from .start import check_run_folder, now, open_run, versions
 from .unit import (  # noqa: F401 (re-exported)
     ChainResult,
     Unit,
@@ -111,8 +111,6 @@ def run_chain(
         raise ValueError(f"train.batch_size={config.train.batch_size} must be a multiple of the number of processes "
                          f"({procs.world_size}) with parallel='data' (each LoRA's global batch is split evenly)")
     folder = RunFolder(run_dir)
-    if procs.is_main:
-        check_run_folder(folder.root, resume=resume, overwrite=overwrite)
     width, height = _generation_size(pipeline, config)
     reference = [_fit(im, width, height) for im in images_in]
     fresh = {
@@ -256,16 +254,27 @@ _ERRORS = {c.__name__: c for c in (ValueError, FileExistsError, FileNotFoundErro
 
 
 def _start(run: _Run, procs: Processes, resume: bool, overwrite: bool, timeout: float) -> Claims:
-    """Open the run on rank 0 (checks, claims, manifest, D0), share the outcome, check every process agrees with
-    run.json, and start this process's heartbeat. One process: the same steps without collectives."""
+    """Check every process was given rank 0's config, dataset and model kind (before anything is written), open the
+    run on rank 0 (folder checks, claims, run.json checked and written as for one process, D0), share the outcome,
+    and start this process's heartbeat. One process: the same steps without collectives."""
     folder, fresh = run.folder, run.manifest
-    hosts = procs.all_gather(procs.host)
+    mine = {"config": fresh["config"], "dataset": fresh["dataset"], "pipeline": {"kind": fresh["pipeline"]["kind"]},
+            "size": fresh["size"]}
+    gathered = procs.all_gather((procs.host, mine))
+    hosts = [h for h, _ in gathered]
+    bad = [(r, d) for r, d in ((r, config_diff(gathered[0][1], m)) for r, (_, m) in enumerate(gathered)) if d]
+    if bad:
+        r, d = bad[0]
+        raise ValueError(f"process rank {r} (host {hosts[r]!r}) disagrees with rank 0 about the run in "
+                         f"{str(folder.root)!r} in {', '.join(d)}: every process of a launch must be given the same "
+                         "config, dataset and model (nothing was written)")
     launch = new_launch_id() if procs.is_main else ""
     error: Optional[BaseException] = None
     claims: Optional[Claims] = None
     if procs.is_main:
         claims = Claims(folder, procs, launch, timeout, hosts)
         try:
+            check_run_folder(folder.root, resume=resume, overwrite=overwrite)
             claims.enter()
         except BaseException as e:
             error, claims = e, None
@@ -297,18 +306,6 @@ def _start(run: _Run, procs: Processes, resume: bool, overwrite: bool, timeout: 
         raise _ERRORS.get(err[0], RuntimeError)(err[1])
     if not procs.is_main:
         run.manifest = manifest
-    stored = {"config": stored_config(manifest.get("config")), "dataset": manifest.get("dataset"),
-              "pipeline": {"kind": (manifest.get("pipeline") or {}).get("kind")}, "size": manifest.get("size")}
-    mine = {"config": fresh["config"], "dataset": fresh["dataset"], "pipeline": {"kind": fresh["pipeline"]["kind"]},
-            "size": fresh["size"]}
-    diffs = procs.all_gather(config_diff(stored, mine))
-    bad = [(r, d) for r, d in enumerate(diffs) if d]
-    if bad:
-        if claims is not None:
-            claims.leave()
-        r, d = bad[0]
-        raise ValueError(f"process rank {r} (host {hosts[r]!r}) disagrees with run.json of {str(folder.root)!r} in "
-                         f"{', '.join(d)}: every process of a launch must be given the same config, dataset and model")
     if claims is None:
         claims = Claims(folder, procs, launch, timeout, hosts)
         claims.enter()
