@@ -8,8 +8,8 @@ torch.distributed.
 
 Our own code here, and why: accelerate does not read Slurm's variables, so ``redifine chain`` started by ``srun``
 (one task per GPU, no launcher) would be N independent single processes; :func:`slurm_to_torch_env` maps
-``SLURM_PROCID`` / ``SLURM_NTASKS`` / ``SLURM_LOCALID`` to ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (when those are not
-set) before accelerate looks. ``MASTER_ADDR`` / ``MASTER_PORT`` must still come from the job script (docs/scale.md).
+``SLURM_PROCID`` / ``SLURM_NTASKS`` / ``SLURM_LOCALID`` to ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (when those
+are not set) before accelerate looks. ``MASTER_ADDR`` / ``MASTER_PORT`` must still come from the job script (docs/scale.md).
 On a machine without CUDA the group is made with ``PartialState(cpu=True)`` (gloo): accelerate would otherwise treat a
 CPU-only torchrun launch as one process.
 
@@ -40,7 +40,8 @@ def slurm_to_torch_env(env: Optional[dict] = None) -> bool:
     env["RANK"] = env["SLURM_PROCID"]
     env["WORLD_SIZE"] = env["SLURM_NTASKS"]
     env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
-    tasks_per_node = (env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "")).split("(")[0].split(",")[0]
+    per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "")  # "4", "4(x2)" or "4,2"
+    tasks_per_node = per_node.split("(")[0].split(",")[0]
     if tasks_per_node.isdigit():
         env.setdefault("LOCAL_WORLD_SIZE", tasks_per_node)
     return True

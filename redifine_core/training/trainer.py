@@ -257,7 +257,8 @@ class LoraTrainer:
         w = self.config.warmup_steps
         return self.config.learning_rate * (min(1.0, (k + 1) / w) if w > 0 else 1.0)
 
-    def _encode_crops(self, idx: list[int], flip: torch.Tensor, share: slice) -> tuple[torch.Tensor, torch.Tensor, list]:
+    def _encode_crops(self, idx: list[int], flip: torch.Tensor,
+                      share: slice) -> tuple[torch.Tensor, torch.Tensor, list]:
         """Crop (random or center), flip and encode the samples ``idx[share]``: (mean, std, SDXL crop offsets).
         The crops of every sample in ``idx`` are drawn (in order), so a sample's crop does not depend on the share."""
         imgs, R = self.images, self.resolution
