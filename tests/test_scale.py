@@ -426,3 +426,31 @@ def test_parallel_data_trains_each_lora_over_both_processes_and_matches_one_proc
     assert worst < 1e-5
     assert json.loads((run / "run.json").read_text())["config"]["parallel"] == "data"
     assert len(list(run.glob("*/seed_0/iter_*/DONE"))) == 4 and not (run / "claims").exists()
+
+
+def test_each_process_computes_its_share_of_the_same_global_micro_batch():
+    """Random crops, flips, condition drop, noise and timesteps belong to the sample: the shares' losses average to
+    the single-process loss of the whole micro-batch (no collective is needed for one micro-batch)."""
+    import torch
+
+    from chain_resume_helper import make_inputs
+    from redifine_core.data import CaptionedImages
+    from redifine_core.training import LoraTrainer, TrainConfig
+
+    pipe, _, _ = make_inputs()
+    rng = np.random.default_rng(3)
+    ds = CaptionedImages.from_images([Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8))
+                                      for _ in range(6)], [f"caption {i}" for i in range(6)])
+    cfg = TrainConfig(steps=1, batch_size=4, cond_drop=0.5, random_flip=True, center_crop=False, resolution=32,
+                      seed=11)
+    out = []
+    with torch.enable_grad():
+        for procs in (None, FakeProcs(rank=0, world_size=2), FakeProcs(rank=1, world_size=2)):
+            with LoraTrainer(pipe, ds, cfg, processes=procs) as tr:
+                out.append([(float(loss.detach()), i, d) for loss, i, d in (tr._micro_batch() for _ in range(2))])
+    for k in range(2):
+        (l1, idx1, drop1), (la, idxa, dropa), (lb, idxb, dropb) = out[0][k], out[1][k], out[2][k]
+        assert idx1 == idxa == idxb and torch.equal(drop1, dropa) and torch.equal(drop1, dropb)
+        assert abs(l1 - (la + lb) / 2) < 1e-6 * max(1.0, l1)
+    with pytest.raises(ValueError, match="batch_size=4 must be a multiple of the number of processes"):
+        LoraTrainer(pipe, ds, cfg, processes=FakeProcs(rank=0, world_size=3))
