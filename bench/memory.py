@@ -284,8 +284,13 @@ def _existing(out: Path) -> tuple[dict[str, list[str]], dict[str, str]]:
             cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
             rows["|".join(cells[:3])] = cells
         elif line.startswith("- "):
-            notes[line[2:].split(" (")[0]] = line[2:]
+            notes[line[2:].split(":")[0]] = line[2:]
     return rows, notes
+
+
+def _row_order(row: list[str]) -> tuple:
+    models = ("sd1", "sdxl", "toy")
+    return (models.index(row[0]) if row[0] in models else 9, PHASES.index(row[1]) if row[1] in PHASES else 9, row[2])
 
 
 def _write_doc(out: Path, rows: list[list[str]], notes: list[str], machine: str) -> None:
@@ -294,11 +299,11 @@ def _write_doc(out: Path, rows: list[list[str]], notes: list[str], machine: str)
     for r in rows:
         known_rows["|".join(r[:3])] = list(r) + [machine]
     for n in notes:
-        known_notes[n.split(" (")[0]] = f"{n} ({machine})"
+        known_notes[n.split(":")[0]] = f"{n} ({machine})"  # one note per subject (model, dtype, file)
     text = "\n".join(["### Figures written by `bench/memory.py`", "",
                       "Each figure from a fresh process; ratios are ours / reference.", "",
-                      fs.markdown_table(HEADER + ["machine"], list(known_rows.values())), ""]
-                     + [f"- {v}" for v in known_notes.values()])
+                      fs.markdown_table(HEADER + ["machine"], sorted(known_rows.values(), key=_row_order)), ""]
+                     + [f"- {v}" for v in sorted(known_notes.values())])
     fs.write_section(out, "memory.py", text)
 
 

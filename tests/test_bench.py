@@ -78,9 +78,12 @@ def test_memory_bench_merges_rows_by_model_phase_and_setting(tmp_path):
     import memory
 
     out = tmp_path / "b.md"
-    memory._write_doc(out, [["sd1", "load", "fp32", "peak RSS GB", "3.00", "4.00", "0.750", ""]], ["sd1 load x"], "m1")
+    memory._write_doc(out, [["sd1", "load", "fp32", "peak RSS GB", "3.00", "4.00", "0.750", ""]],
+                      ["sd1 load (fp32): 1.1x", "sd1 load (bf16): 1.2x"], "m1")
     memory._write_doc(out, [["sdxl", "load", "bf16", "peak RSS GB", "8.00", "9.00", "0.889", ""],
                             ["sd1", "load", "fp32", "peak RSS GB", "2.50", "4.00", "0.625", ""]], [], "m2")
     rows = _rows(re.search(r"memory.py:begin -->(.*)<!-- memory.py:end", out.read_text(), re.S).group(1))
     assert [r[:2] + [r[4], r[-1]] for r in rows] == [["sd1", "load", "2.50", "m2"], ["sdxl", "load", "8.00", "m2"]]
-    assert "- sd1 load x (m1)" in out.read_text()
+    memory._write_doc(out, [], ["sd1 load (bf16): 1.3x"], "m3")
+    text = out.read_text()
+    assert "- sd1 load (fp32): 1.1x (m1)" in text and "- sd1 load (bf16): 1.3x (m3)" in text and "1.2x" not in text
