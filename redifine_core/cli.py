@@ -242,39 +242,47 @@ def cmd_chain(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """``redifine demo`` and ``redifine science``: a toy chain into --out, resumable, with its report."""
+    science = args.command == "science"
     try:
-        from .toy.demo import run_demo
+        if science:
+            from .toy.science import answers, iteration_records, run_science, science_config, study
+        else:
+            from .toy.demo import run_demo
     except ImportError as e:
-        _err("redifine demo", f"the toy demo is not available in this install ({e})")
+        _err(f"redifine {args.command}", f"the toy lab is not available in this install ({e})")
         return EXIT_FAILED
     out = Path(args.out)
     for s in args.seeds or ():
         bounds.check("seed", s, "--seeds")
+    if science:
+        science_config(tuple(args.seeds or range(5)))  # a bad seed list is one line before anything loads
     if args.resume and not out.is_dir():
         raise FileNotFoundError(f"--out {args.out!r} does not exist: there is nothing to resume; drop --resume to "
-                                "start a new demo")
+                                f"start a new {args.command}")
     check_output_dir(out, "--out", empty=not args.resume,
                      hint="add --resume to continue it, or choose another --out")
     progress = TqdmProgress(disable=args.quiet)
-    kwargs: dict[str, Any] = {"quick": args.quick}
+    kwargs: dict[str, Any] = {} if science else {"quick": args.quick}
     if args.seeds is not None:
         kwargs["seeds"] = tuple(args.seeds)
     if args.resume:
         kwargs["resume"] = True
     try:
         with _third_party_quiet(args.verbose), _SigintCancel() as sig:
-            result = run_demo(out, progress=progress, cancel=sig.token, **kwargs)
+            runner = run_science if science else run_demo
+            result = runner(out, progress=progress, cancel=sig.token, **kwargs)
     except (Cancelled, KeyboardInterrupt):
         progress.close()
-        print(f"\ninterrupted: the demo in {out} is resumable; continue it with:\n"
-              f"  redifine demo --out {args.out}{' --quick' if args.quick else ''}"
+        print(f"\ninterrupted: the {args.command} in {out} is resumable; continue it with:\n"
+              f"  redifine {args.command} --out {args.out}{' --quick' if getattr(args, 'quick', False) else ''}"
               f"{' --seeds ' + ' '.join(map(str, args.seeds)) if args.seeds else ''} --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     except FileExistsError:
         raise UsageError(f"{str(out)!r} exists and is not empty; add --resume to continue it, or choose another "
                          "--out") from None
     except FileNotFoundError as e:  # the toy model weights are not built: not the user's input
-        _err("redifine demo", _line(e))
+        _err(f"redifine {args.command}", _line(e))
         return EXIT_FAILED
     finally:
         progress.close()
@@ -282,7 +290,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if report_path is None:
         hits = sorted(out.rglob("report.html"))
         report_path = hits[0] if hits else None
-    print(f"demo complete: {out}")
+    if science:
+        for line in answers(study(iteration_records(out))):
+            print(line)
+    print(f"{args.command} complete: {out}")
     if report_path is not None:
         print(f"report: {report_path}")
     return EXIT_OK
@@ -415,6 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.add_argument("--verbose", action="store_true", help="show third-party warnings and loading bars")
+
+    sc = add("science", "the toy study: constant CFG 1.5-7.5, ReDiFine, its two halves and every schedule reading, "
+             "over paired replicate seeds (hours on a CPU; docs/toy-lab.md)", cmd_demo)
+    sc.add_argument("--out", required=True, help="the run folder (new, or an existing one with --resume)")
+    sc.add_argument("--seeds", type=int, nargs="+", metavar="S", help="replicate seeds (default: 0 1 2 3 4)")
+    sc.add_argument("--resume", action="store_true", help="continue an interrupted study in --out")
+    sc.add_argument("--quiet", action="store_true", help="no progress bars")
+    sc.add_argument("--verbose", action="store_true", help="show third-party warnings and loading bars")
 
     r = add("report", "re-render the report of a finished or partial run", cmd_report)
     r.add_argument("run_dir", help="a run folder (holds run.json)")

@@ -20,7 +20,7 @@ from redifine_core import cli
 from redifine_core.progress import check_cancel
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["chain", "demo", "report", "schedule", "traits", "dataset"]
+COMMANDS = ["chain", "demo", "science", "report", "schedule", "traits", "dataset"]
 
 
 def _one_line_error(err: str) -> str:
@@ -288,3 +288,36 @@ kind = "redifine"
         cli.load_job_pipeline = real
     assert len(list(run.glob("*/seed_0/iter_*/DONE"))) == 1
     assert json.loads((run / "run.json").read_text())["config"]["iterations"] == 1
+
+
+def test_science_runs_the_study_and_prints_its_answers(tmp_path, capsys, monkeypatch):
+    """`redifine science` validates seeds before anything runs, calls run_science, prints the study's answers;
+    a Ctrl-C prints the resume command."""
+    from redifine_core.toy import science
+
+    calls = {}
+
+    def run_science(out_dir, seeds=5, progress=None, cancel=None, resume=False):
+        calls.update(out=Path(out_dir), seeds=seeds, resume=resume)
+        if calls.get("interrupt"):
+            raise KeyboardInterrupt
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        return Path(out_dir) / "report.html"
+
+    monkeypatch.setattr(science, "run_science", run_science)
+    monkeypatch.setattr(science, "iteration_records", lambda out: {"m": {}})
+    monkeypatch.setattr(science, "study", lambda records: {"records": records})
+    monkeypatch.setattr(science, "answers", lambda result: [f"answer about {sorted(result['records'])}"])
+    assert cli.main(["science", "--out", str(tmp_path / "s"), "--seeds", "0", "1", "--quiet"]) == 0
+    assert calls == {"out": tmp_path / "s", "seeds": (0, 1), "resume": False}
+    out = capsys.readouterr().out
+    assert "answer about ['m']" in out and f"report: {tmp_path / 's' / 'report.html'}" in out
+
+    assert cli.main(["science", "--out", str(tmp_path / "t"), "--seeds", "-1"]) == 2
+    assert "--seeds" in _one_line_error(capsys.readouterr().err) and not (tmp_path / "t").exists()
+    assert cli.main(["science", "--out", str(tmp_path / "missing"), "--resume"]) == 2
+    assert "nothing to resume" in _one_line_error(capsys.readouterr().err)
+
+    calls["interrupt"] = True
+    assert cli.main(["science", "--out", str(tmp_path / "s"), "--resume", "--quiet"]) == 130
+    assert f"redifine science --out {tmp_path / 's'} --resume" in capsys.readouterr().err
