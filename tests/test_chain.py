@@ -264,7 +264,8 @@ def test_run_writes_the_schema_and_uses_fixed_seeds(tmp_path):
                 assert json.loads((d / "captions.json").read_text()) == [f"a red circle {c}" for c in range(3) for k in range(2)]
                 rec = json.loads((d / "metrics.json").read_text())
                 assert (rec["method"], rec["seed"], rec["iteration"], rec["features"]) == (m, s, i, "fake-v1")
-                assert set(rec["metrics"]) == {"mean", "fid_ref", "fid_prev"}
+                assert set(rec["metrics"]) == {"mean", "fid_ref", "fid_prev", "n_images"}
+                assert rec["metrics"]["n_images"] == 6  # 3 captions x 2 images, for the verdict
                 assert json.loads((d / "train.json").read_text())["losses"] == [0.5, 0.25]
     # seeds: the same per (replicate, caption, k) in every iteration and method; different between replicates
     by_seed = {}

@@ -301,6 +301,7 @@ def _measure(run: _Run, unit: Unit, generated: Any) -> dict:
                                   progress=run.nested(unit), cancel=run.cancel)
     features = str(raw.get("features", config.features))
     metrics = _floats(raw)
+    metrics["n_images"] = float(len(generated))  # the verdict reads small sets as inconclusive
     base = metrics if i == 0 else folder.read_metrics(m, S, 0)["metrics"]
     v = run.backend.verdict(metrics, base)
     record = {
