@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import platform
 import statistics
 import sys
@@ -36,7 +37,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched (a lent GPU machine has no network)
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # redifine_core from this checkout, installed or not
 import _full_size as fs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +94,13 @@ class Suite:
 
     # ------------------------------------------------------------------------------------------------ models
     def size(self, kind: str, pipe: Any) -> int:
+        if self.args.size:
+            return self.args.size
         return pipe.default_size if self.small else {"sd1": 512, "sdxl": 1024}[kind]
+
+    def steps(self, full: int) -> int:
+        """Sampling / chain steps: ``full`` on a real run, fewer in smoke (--small) and dry (--steps) runs."""
+        return self.args.steps or (2 if self.small else full)
 
     def build(self, kind: str, dtype: torch.dtype) -> Any:
         if self.small:
@@ -112,7 +122,7 @@ class Suite:
         from redifine_core.training import LoraTrainer, TrainConfig
 
         size, rank = self.size(kind, pipe), (4 if self.small else 16)
-        warm, steps = (1, 2) if self.small else (2, 6)
+        warm, steps = (1, 2) if self.small or self.args.steps else (2, 6)
         pipe.to(dtype=DTYPES[precision])
         imgs = self.images(4, size)
         data = CaptionedImages.from_images(imgs, CAPTIONS[:4])
@@ -161,7 +171,7 @@ class Suite:
         size = self.size(kind, pipe)
         pipe.to(dtype=DTYPES[self.precisions()[0]])
         n = 2 if kind == "sdxl" else 4
-        steps, repeats = (3, 1) if self.small else (20, 3)
+        steps, repeats = self.steps(20), (1 if self.small or self.args.steps else 3)
         prompts, seeds = CAPTIONS[:n], list(range(n))
         reference = fs.reference_pipe(pipe)
         runs = {
@@ -197,7 +207,7 @@ class Suite:
         precision = self.precisions()[0]
         pipe.to(dtype=DTYPES[precision])
         rank = 4 if self.small else 16
-        train_steps, steps = (2, 2) if self.small else (20, 20)
+        train_steps, steps = self.steps(20), self.steps(20)
         data = CaptionedImages.from_images(self.images(len(CAPTIONS), 64), CAPTIONS)
         config = ChainConfig(
             iterations=1, methods=(MethodConfig("redifine", kind="redifine"),),
@@ -221,6 +231,8 @@ class Suite:
 
     # ------------------------------------------------------------------------------------------------- driver
     def precisions(self) -> list[str]:
+        if self.args.precisions:
+            return self.args.precisions
         return ["fp16", "bf16"] if self.device.type == "cuda" else ["fp32", "bf16"]
 
     def estimate(self, kind: str, what: str) -> float:
@@ -301,11 +313,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out", type=Path, default=None,
                     help="markdown file whose gpu.py section is rewritten (default docs/benchmarks.md, not with --small)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads on --device cpu")
+    ap.add_argument("--size", type=int, default=None, help="px for every model (dry runs of the full-size models on a CPU)")
+    ap.add_argument("--steps", type=int, default=None, help="sampling and chain steps (dry runs)")
+    ap.add_argument("--precisions", default=None, help="comma-separated weight dtypes: fp16, bf16, fp32")
     args = ap.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in args.models if m not in VRAM_TARGET_GB]
     if bad:
         ap.error(f"--models {bad} unknown; use sd1, sdxl")
+    args.precisions = [p.strip() for p in args.precisions.split(",") if p.strip()] if args.precisions else None
+    if args.precisions and any(p not in DTYPES for p in args.precisions):
+        ap.error(f"--precisions {args.precisions}: use fp16, bf16, fp32")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is visible; use --device cpu --small for a smoke run")
     if args.device == "cpu":

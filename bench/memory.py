@@ -37,7 +37,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched (a lent GPU machine has no network)
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # redifine_core from this checkout, installed or not
 import _full_size as fs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
