@@ -14,25 +14,12 @@ from pathlib import Path
 import pytest
 
 from redifine_core import bounds, cli, paths
+from helpers import GOOD_CHAIN_TOML
 
 ROOT = Path(__file__).resolve().parents[1]
 READ_ONLY = Path("/sys")  # not writable even by root (paths probes by writing)
 
-GOOD = """
-[pipeline]
-source = "toy"
-[dataset]
-source = "toy:4"
-[chain]
-iterations = 2
-steps = 2
-[train]
-steps = 2
-[[methods]]
-name = "low"
-kind = "baseline"
-cfg = 1.5
-"""
+GOOD = GOOD_CHAIN_TOML
 
 
 def _sub(old: str, new: str):

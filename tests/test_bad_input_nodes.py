@@ -8,32 +8,20 @@ before any work or write: the run-time cases below.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import types
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from redifine_core import bounds
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_pack():
-    """Import the repo root as ComfyUI does (the same module name as tests/test_nodes_unit.py)."""
-    name = "redifine_pack_under_test"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+from helpers import load_pack
 
 
-PACK = _load_pack()
+
+
+
+PACK = load_pack()
 NODES = PACK.NODE_CLASS_MAPPINGS
 comfy_mod = sys.modules[PACK.__name__ + ".nodes._comfy"]
 native_mod = sys.modules[PACK.__name__ + ".nodes.native"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import os
 import sys
@@ -10,24 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_pack
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_pack():
-    """Import the repo root as ComfyUI does: spec_from_file_location on __init__.py under a path-derived name."""
-    name = "redifine_pack_under_test"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
-PACK = _load_pack()
+PACK = load_pack()
 MAPPINGS = PACK.NODE_CLASS_MAPPINGS
 common = sys.modules[PACK.__name__ + ".nodes.common"]
 cfg_schedule = sys.modules[PACK.__name__ + ".nodes.cfg_schedule"]

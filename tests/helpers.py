@@ -1,0 +1,38 @@
+"""Shared by several test modules: the pack loaded the way ComfyUI loads it, and a small valid chain TOML."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The smallest valid chain config on the toy model (tests edit it to make one key wrong).
+GOOD_CHAIN_TOML = """
+[pipeline]
+source = "toy"
+[dataset]
+source = "toy:4"
+[chain]
+iterations = 2
+steps = 2
+[train]
+steps = 2
+[[methods]]
+name = "low"
+kind = "baseline"
+cfg = 1.5
+"""
+
+
+def load_pack():
+    """Import the repo root as ComfyUI does: spec_from_file_location on __init__.py under a path-derived name."""
+    name = "redifine_pack_under_test"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
