@@ -280,7 +280,9 @@ class Suite:
         import peft
 
         when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        kind = "smoke run on tiny configs (not a measurement)" if self.small else "full-size random-weight models"
+        kind = ("smoke run on tiny configs (not a measurement)" if self.small else
+                "dry run of the full-size models at reduced size or steps (not a measurement)"
+                if self.args.size or self.args.steps else "full-size random-weight models")
         return "\n".join([
             "## GPU suite (`bench/gpu.py`)",
             "",
