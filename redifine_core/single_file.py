@@ -25,6 +25,14 @@ weight touched (0.44 GB of it is torch/diffusers/transformers imports): fp32 loa
 load first and the UNet last: the OpenCLIP converter clones the q/k/v slices of each fused projection, and that
 transient copy is then paid while little else is loaded. On a GPU each component moves to the device as soon as it is
 built, so host memory holds at most one component.
+
+**Why not diffusers' public ``from_single_file``.** It goes through ``load_single_file_checkpoint``, which reads the
+whole file into one dict of tensors (safetensors' ``load_file``) before converting, so its peak is the file plus the
+model: 1.6-2.2x the weights on full-size SD1.5/SDXL against 1.04-1.24x for this reader (docs/benchmarks.md). The key
+renaming is still diffusers' own (``diffusers.loaders.single_file_utils``). ``tests/test_single_file.py::
+test_the_reason_for_our_reader_diffusers_from_single_file_holds_the_whole_file_at_once`` pins this reason: it fails
+when diffusers stops holding every tensor of the file at once, and then this reader should give way to
+``from_single_file``.
 """
 
 from __future__ import annotations
