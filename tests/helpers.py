@@ -36,3 +36,18 @@ def load_pack():
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def write_captioned_folder(folder: Path, captions=("a red circle", "a blue square", "a green triangle",
+                                                   "a yellow star"), size: int = 32, seed: int = 0) -> Path:
+    """``img<i>.png`` (seeded noise, ``size`` px) + ``img<i>.txt`` per caption in a new folder: a tiny D0."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i, cap in enumerate(captions):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(cap)
+    return folder

@@ -11,14 +11,13 @@ import time
 import types
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from redifine_core import chain as chain_mod
 from redifine_core import cli
 from redifine_core.progress import check_cancel
-from helpers import GOOD_CHAIN_TOML
+from helpers import GOOD_CHAIN_TOML, write_captioned_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["chain", "demo", "science", "report", "schedule", "traits", "dataset"]
@@ -223,12 +222,7 @@ def test_traits_plot(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------------------ end to end
 def test_tiny_chain_end_to_end(tiny_sd_dir, tmp_path, capsys):
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i, cap in enumerate(["a red circle", "a blue square", "a green triangle", "a yellow star"]):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / f"img{i}.png")
-        (data / f"img{i}.txt").write_text(cap)
+    write_captioned_folder(tmp_path / "data")
     toml = tmp_path / "c.toml"
     toml.write_text(f"""
 [pipeline]

@@ -29,6 +29,7 @@ from redifine_core import distributed  # noqa: E402
 from redifine_core.chain import MethodConfig, RunFolder, run_chain  # noqa: E402
 from redifine_core.chain.claims import Claims, create_exclusive  # noqa: E402
 from redifine_core.distributed import Processes  # noqa: E402
+from helpers import write_captioned_folder
 
 
 class FakeProcs(Processes):
@@ -251,12 +252,7 @@ def test_accelerate_launch_of_two_processes_gives_the_files_of_one(tiny_sd_dir, 
 
     if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
         pytest.skip("accelerate's launcher is not installed")
-    data = tmp_path / "data"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    for i, cap in enumerate(["a red circle", "a blue square", "a green triangle", "a yellow star"]):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / f"img{i}.png")
-        (data / f"img{i}.txt").write_text(cap)
+    write_captioned_folder(tmp_path / "data")
     toml = tmp_path / "c.toml"
     toml.write_text(f'[pipeline]\nsource = "{tiny_sd_dir}"\ndevice = "cpu"\n[dataset]\nsource = "data"\n'
                     "[chain]\niterations = 2\nsteps = 2\n[train]\nsteps = 2\nbatch_size = 2\n"

@@ -29,10 +29,4 @@ def server():
 
         save_tiny_sd(s.tmp / "models" / "diffusers" / "tiny")
         s.model_choice = "diffusers/tiny"
-    try:
-        s.start()
-    except Exception:
-        s.cleanup()
-        raise
-    yield s
-    s.cleanup()
+    yield from s.serve()

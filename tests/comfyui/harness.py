@@ -126,6 +126,13 @@ class ComfyServer:
         self.stop()
         raise RuntimeError(f"ComfyUI did not answer within {timeout:.0f}s:\n{self.log()[-4000:]}")
 
+    def serve(self):
+        """Start, hand the server to the caller, and always clean up: a pytest fixture does ``yield from s.serve()``."""
+        try:
+            yield self.start()
+        finally:
+            self.cleanup()
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             try:

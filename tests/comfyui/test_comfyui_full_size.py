@@ -92,13 +92,7 @@ def big_server():
     ckpt = full_size_checkpoint()
     s = ComfyServer(extra_packs={"redifine_probe": REPO / "tests" / "comfyui" / "probe_pack"}, extra_args=BF16)
     (s.tmp / "models" / "checkpoints" / CKPT).symlink_to(ckpt)
-    try:
-        s.start()
-    except Exception:
-        s.cleanup()
-        raise
-    yield s
-    s.cleanup()
+    yield from s.serve()
 
 
 def _loader():
