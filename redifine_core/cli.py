@@ -187,11 +187,17 @@ def cmd_chain(args: argparse.Namespace) -> int:
     except ValueError as e:
         _err(prog, f"{args.config}: {_line(e)}" if args.config not in str(e) else _line(e))
         return EXIT_USAGE
-    out = Path(args.out)
-    from .chain import run_chain
     from .distributed import current as current_processes
 
     procs = current_processes()  # one process, or this one's place in an accelerate / torchrun / srun launch
+    return _chain_in_process(args, job, procs)
+
+
+def _chain_in_process(args: argparse.Namespace, job: ChainJob, procs: Any) -> int:
+    """The chain command once the config is read, in this process of the launch (or the only one)."""
+    from .chain import run_chain
+
+    out = Path(args.out)
     problem: Optional[BaseException] = None
     if procs.is_main:
         try:
@@ -470,6 +476,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return EXIT_USAGE
+    rc = _run_command(args)
+    if "torch.distributed" in sys.modules:  # a process of an accelerate / torchrun / srun launch
+        from .distributed import leave_launch
+
+        leave_launch(rc)
+    return rc
+
+
+def _run_command(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

@@ -83,4 +83,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from redifine_core.distributed import leave_launch
+
+    code = main(sys.argv[1:])
+    leave_launch(code)  # as the CLI does: gloo's threads can abort a normal interpreter exit
+    sys.exit(code)

@@ -265,6 +265,7 @@ def _start(run: _Run, procs: Processes, resume: bool, overwrite: bool, timeout: 
     bad = [(r, d) for r, d in ((r, config_diff(gathered[0][1], m)) for r, (_, m) in enumerate(gathered)) if d]
     if bad:
         r, d = bad[0]
+        procs.barrier()  # every rank is past the gather before any tears its process group down (gloo aborts else)
         raise ValueError(f"process rank {r} (host {hosts[r]!r}) disagrees with rank 0 about the run in "
                          f"{str(folder.root)!r} in {', '.join(d)}: every process of a launch must be given the same "
                          "config, dataset and model (nothing was written)")
