@@ -61,3 +61,20 @@ def test_prompt_fidelity_at_best_cfg(toy_pipeline):
     images = generate(toy_pipeline, captions, schedule=3.0, steps=10, seeds=100, batch_size=32)
     r = check(images, captions)
     assert r["full"] >= 0.85, r
+
+
+def test_reproduces_the_detail_of_its_data_at_iteration_0(toy_pipeline):
+    """A test bed that can show blur keeps most of D0's fine detail at the best CFG: HF share and Laplacian variance
+    within 45 % of toy data drawn like a demo's D0 (48 samples at 15 steps, as in a demo's iteration 0). Measured
+    about -35 % for both (docs/toy-lab.md; issue 11 asks for 30 %, not reached); the previous model, -75 % and -80 %,
+    fails this."""
+    from redifine_core.metrics import image_statistics
+    from redifine_core.sampling import generate
+    from redifine_core.toy.dataset import generate as toy_images
+    from redifine_core.toy.demo import DATA_SEED
+
+    data, captions, _ = toy_images(48, seed=DATA_SEED)
+    images = generate(toy_pipeline, captions, schedule=3.0, steps=15, seeds=0, batch_size=48)
+    made, d0 = image_statistics(images), image_statistics(data)
+    for key in ("hf_share", "laplacian_var"):
+        assert abs(made[key] / d0[key] - 1) <= 0.45, (key, made[key], d0[key])

@@ -1,10 +1,10 @@
 """The toy captioned image set: coloured shapes on coloured backgrounds, drawn procedurally and deterministically.
 
 Each image is one filled shape (circle, square or triangle) in one colour on a background of another colour, at a
-random size and position, with hard (non-antialiased) edges and a fine luminance grain. The caption names the
-shape, its colour and the background colour: ``"a red circle on a blue background"``. Hard edges and the grain are
-the high-frequency detail that blur destroys; the palette is moderately saturated, so over-guidance has room to push
-colours towards saturation and clipping.
+random size and position, with sharp edges (one pixel of anti-aliasing). The caption names the shape, its colour and
+the background colour: ``"a red circle on a blue background"``. The edges are the high-frequency detail that blur
+destroys, drawn at a scale the toy model reproduces; the palette is moderately saturated, so over-guidance has room
+to push colours towards saturation and clipping.
 
 Everything follows from ``seed``: the same ``(n, seed, size)`` gives the same images, bit for bit.
 """
@@ -25,14 +25,17 @@ if TYPE_CHECKING:  # pragma: no cover
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 
-# Moderately saturated on purpose: leaves headroom for over-guidance to push saturation up.
+# Moderately saturated on purpose: leaves headroom for over-guidance to push saturation up. The six luminances are
+# spread evenly (Rec. 709 luma 63, 91, 116, 142, 172, 201 of 255), so every shape differs from its background in
+# brightness too: with two colours of equal luma (the first palette had red, blue and purple all at about 82), an
+# image's luminance spectrum is almost all reconstruction error, and its high-frequency share means nothing.
 PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (200, 50, 50),
-    "green": (60, 160, 70),
-    "blue": (50, 80, 200),
-    "yellow": (220, 200, 60),
-    "purple": (130, 60, 170),
-    "gray": (128, 128, 128),
+    "red": (220, 90, 70),
+    "green": (70, 170, 80),
+    "blue": (50, 90, 220),
+    "yellow": (230, 205, 70),
+    "purple": (110, 40, 150),
+    "gray": (172, 172, 172),
 }
 COLORS: tuple[str, ...] = tuple(PALETTE)
 
@@ -41,7 +44,10 @@ VOCABULARY: tuple[str, ...] = ("a", "on", "background") + SHAPES + COLORS
 
 DEFAULT_SIZE = 32
 MAX_TOY_BYTES = 2**30  # 1 GiB of uint8 pixels: 10000 images of 32 px take 30 MiB
-DEFAULT_GRAIN = 0.03  # amplitude of the per-pixel luminance grain, as a fraction of full scale
+DEFAULT_GRAIN = 0.0  # amplitude of an optional per-pixel luminance grain, as a fraction of full scale
+SUPERSAMPLE = 2
+"""Shapes are drawn at this multiple of the image size and box-averaged down: edges one pixel wide, at a scale the
+toy VAE and UNet reproduce (a 2x VAE cannot reproduce per-pixel random grain, so D0 has none by default)."""
 
 
 @dataclass(frozen=True)
@@ -114,10 +120,11 @@ def sample_attributes(rng: np.random.Generator, size: int = DEFAULT_SIZE) -> Toy
 def render(attrs: ToyAttributes, size: int = DEFAULT_SIZE, grain: float = DEFAULT_GRAIN,
            rng: np.random.Generator | None = None) -> np.ndarray:
     """Draw ``attrs`` as a uint8 array [size, size, 3]; ``grain`` > 0 needs ``rng`` for the noise."""
-    img = Image.new("RGB", (size, size), PALETTE[attrs.background])
+    k = SUPERSAMPLE
+    img = Image.new("RGB", (size * k, size * k), PALETTE[attrs.background])
     draw = ImageDraw.Draw(img)
     fill = PALETTE[attrs.color]
-    x, y, h = attrs.x, attrs.y, attrs.size
+    x, y, h = attrs.x * k, attrs.y * k, attrs.size * k
     box = (x - h, y - h, x + h - 1, y + h - 1)
     if attrs.shape == "circle":
         draw.ellipse(box, fill=fill)
@@ -125,6 +132,8 @@ def render(attrs: ToyAttributes, size: int = DEFAULT_SIZE, grain: float = DEFAUL
         draw.rectangle(box, fill=fill)
     else:  # triangle pointing up
         draw.polygon([(x, y - h), (x + h - 1, y + h - 1), (x - h, y + h - 1)], fill=fill)
+    if k > 1:
+        img = img.resize((size, size), Image.Resampling.BOX)
     arr = np.asarray(img, dtype=np.float32)
     if grain > 0:
         if rng is None:

@@ -42,16 +42,28 @@ def sample(pipe, captions: Sequence[str], cfg: float, steps: int = 20, seed: int
     return np.concatenate(out)
 
 
+STAT_KEYS = ("hf_share", "laplacian_var", "saturation", "clipped_fraction")
+"""The image statistics reported per CFG scale (and for D0)."""
+
+
 def _stats(images: np.ndarray) -> dict[str, float]:
-    mx, mn = images.max(-1), images.min(-1)
-    sat = np.where(mx > 1e-6, (mx - mn) / np.maximum(mx, 1e-6), 0.0)
-    clipped = ((images <= 1 / 255) | (images >= 254 / 255)).mean()
-    return {"saturation": float(sat.mean()), "clipped_fraction": float(clipped)}
+    from ..metrics import image_statistics
+
+    st = image_statistics(images)
+    return {k: float(st[k]) for k in STAT_KEYS}
+
+
+def data_statistics(n: int = 256) -> dict[str, float]:
+    """STAT_KEYS of ``n`` toy images drawn like a demo's D0 (``toy.demo.DATA_SEED``)."""
+    from .dataset import generate
+    from .demo import DATA_SEED
+
+    return _stats(generate(n, seed=DATA_SEED)[0])
 
 
 def evaluate(folder: str | Path = DEFAULT_MODEL, n: int = 256, cfgs: Sequence[float] = (1.0, 3.0, 7.5),
              steps: int = 20, seed: int = 0, device: str = "cpu") -> dict[str, dict[str, float]]:
-    """``{str(cfg): checker accuracies + saturation + clipped fraction}`` for each CFG scale."""
+    """``{str(cfg): checker accuracies + STAT_KEYS}`` for each CFG scale."""
     if n < 1:
         raise ValueError(f"n={n!r} must be >= 1")
     pipe = load_toy_diffusers(folder, device)
@@ -76,13 +88,18 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     res = evaluate(args.model, args.n, args.cfg, args.steps, args.seed, args.device)
+    data = data_statistics(args.n)
+    print(f"D0 ({args.n} toy images): hf_share {data['hf_share']:.4f}  laplacian_var {data['laplacian_var']:.5f}  "
+          f"saturation {data['saturation']:.3f}")
     for w, r in res.items():
         print(f"CFG {w:>4}: full {r['full']:.3f}  shape {r['shape']:.3f}  color {r['color']:.3f}  "
-              f"background {r['background']:.3f}  saturation {r['saturation']:.3f}  clipped {r['clipped_fraction']:.4f}")
+              f"background {r['background']:.3f}  saturation {r['saturation']:.3f}  clipped {r['clipped_fraction']:.4f}"
+              f"  hf_share {r['hf_share']:.4f} ({r['hf_share'] / data['hf_share'] - 1:+.0%} vs D0)  laplacian_var "
+              f"{r['laplacian_var']:.5f} ({r['laplacian_var'] / data['laplacian_var'] - 1:+.0%})")
     if args.json:
         from redifine_core.atomic import write_json
 
-        write_json(args.json, {"n": args.n, "steps": args.steps, "seed": args.seed, "results": res})
+        write_json(args.json, {"n": args.n, "steps": args.steps, "seed": args.seed, "results": res, "data": data})
     return 0
 
 

@@ -35,9 +35,10 @@ class ToyTrainConfig:
     seed: int = 0
     n_images: int = 20000
     vae_images: int = 4000
-    vae_steps: int = 300
+    vae_steps: int = 1200
     vae_lr: float = 1e-3
     vae_kl: float = 1e-6
+    vae_edge: float = 0.25
     steps: int = 2300
     batch_size: int = 32
     lr: float = 5e-4
@@ -60,6 +61,8 @@ class ToyTrainConfig:
         for name in ("vae_lr", "lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
+        if not self.vae_edge >= 0:
+            raise ValueError(f"vae_edge={self.vae_edge!r} must be >= 0")
         if not 0.0 <= self.cond_drop < 1.0:
             raise ValueError(f"cond_drop={self.cond_drop!r} must be in [0, 1)")
         if not 0.0 <= self.ema < 1.0:
@@ -131,8 +134,17 @@ def _unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torc
     return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
 
+def _edge_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """L1 distance between the horizontal and vertical pixel differences of ``rec`` and ``x``.
+
+    MSE alone leaves the VAE's edges soft (a 2x VAE trained on MSE for 300 steps kept a sixth of D0's Laplacian
+    variance), and soft edges would leave the chain no detail to lose; matching the differences keeps them hard."""
+    return (F.l1_loss(rec[..., 1:, :] - rec[..., :-1, :], x[..., 1:, :] - x[..., :-1, :])
+            + F.l1_loss(rec[..., :, 1:] - rec[..., :, :-1], x[..., :, 1:] - x[..., :, :-1]))
+
+
 def train_vae(cfg: ToyTrainConfig, images: np.ndarray, log=print, device: str = "cpu"):
-    """Phase 1: the 2x VAE on reconstruction (MSE + a tiny KL term)."""
+    """Phase 1: the 2x VAE on reconstruction (MSE + ``vae_edge`` x the edge loss + a tiny KL term)."""
     from tqdm.auto import tqdm
 
     vae = mc.build_vae(cfg.seed).to(device)
@@ -150,7 +162,7 @@ def train_vae(cfg: ToyTrainConfig, images: np.ndarray, log=print, device: str = 
         dist = vae.encode(x).latent_dist
         z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(device)
         rec = vae.decode(z).sample
-        loss = F.mse_loss(rec, x) + cfg.vae_kl * dist.kl().mean()
+        loss = F.mse_loss(rec, x) + cfg.vae_edge * _edge_loss(rec, x) + cfg.vae_kl * dist.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
