@@ -187,3 +187,15 @@ def test_one_seed_answers_unclear_not_yes():
     assert "Does low CFG 1.5 drift towards blur? unclear:" in text
     assert "Only 1 seed(s)" in text
     assert findings(study(one))["cfg-7.5"] == {"blur": "unclear", "over-guidance": "unclear"}
+
+
+def test_no_needs_intervals_that_exclude_a_flaggable_change():
+    """A "no" must rule out a change the verdict would flag: an interval that crosses 0 but reaches the blur
+    threshold (-25 %) is "unclear", and the same mean with a narrow interval is "no"."""
+    from redifine_core.toy.science import _direction
+
+    wide = {"hf_share": (0.40, 0.10, 0.70), "laplacian_var": (-0.28, -0.72, 0.17), "spectral_slope": (0.26, 0.08, 0.43)}
+    narrow = dict(wide, laplacian_var=(-0.05, -0.12, 0.02))
+    assert _direction(wide, ("hf_share", "laplacian_var", "spectral_slope"), -1)[0] == "unclear"
+    assert _direction(narrow, ("hf_share", "laplacian_var", "spectral_slope"), -1)[0] == "no"
+    assert _direction(dict(narrow, spectral_slope=(-0.1, -0.35, 0.1)), ("spectral_slope",), -1)[0] == "unclear"

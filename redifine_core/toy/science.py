@@ -230,12 +230,27 @@ def study(records) -> dict:
     return out
 
 
-def _direction(changes: dict, keys: Sequence[str], sign: int) -> tuple[str, list[str]]:
-    """yes (>= 2 metrics' intervals entirely on the mode's side of 0), no (none), or partly; and the evidence.
+def _mode_thresholds() -> dict[int, dict[str, float]]:
+    """The smallest change of each metric the verdict counts as a sign of blur (-1) or over-guidance (+1), signed, in
+    the units of CHANGE_KEYS (relative or absolute): the verdict module's own thresholds."""
+    from ..metrics.verdict import (BLUR_DROP, CLIPPED_RISE, COLOURFULNESS_RISE, SATURATION_RISE, SHARP_RISE,
+                                   SLOPE_FLATTER, SLOPE_STEEPER)
 
-    "unclear" when no metric has an interval (a single seed): one value cannot say which side of 0 the mean is on.
+    return {-1: {"hf_share": -BLUR_DROP, "laplacian_var": -BLUR_DROP, "spectral_slope": -SLOPE_STEEPER},
+            +1: {"hf_share": SHARP_RISE, "laplacian_var": SHARP_RISE, "spectral_slope": SLOPE_FLATTER,
+                 "saturation": SATURATION_RISE, "clipped_fraction": CLIPPED_RISE, "colourfulness": COLOURFULNESS_RISE}}
+
+
+def _direction(changes: dict, keys: Sequence[str], sign: int) -> tuple[str, list[str]]:
+    """yes, partly, no or unclear for one collapse mode, and the evidence.
+
+    yes: at least 2 metrics' intervals lie entirely on the mode's side of 0; partly: exactly 1. no: none does, and every
+    interval also rules out a change as large as the verdict's threshold for that mode (so "no" means the study can
+    exclude a change a verdict would flag, not only that it did not see one). unclear: otherwise, and always with a
+    single seed (no interval).
     """
-    clear, text, spread = 0, [], False
+    limits = _mode_thresholds()[sign]
+    clear, text, spread, excluded = 0, [], False, True
     for k in keys:
         if k not in changes:
             continue
@@ -245,9 +260,12 @@ def _direction(changes: dict, keys: Sequence[str], sign: int) -> tuple[str, list
         text.append(f"{k} {fmt(m)} [{fmt(lo)}, {fmt(hi)}]")
         spread |= hi > lo
         clear += (hi < 0) if sign < 0 else (lo > 0)
+        excluded &= (lo > limits[k]) if sign < 0 else (hi < limits[k])
     if not spread:
         return "unclear", text
-    return ("yes" if clear >= 2 else "no" if clear == 0 else "partly"), text
+    if clear:
+        return ("yes" if clear >= 2 else "partly"), text
+    return ("no" if excluded else "unclear"), text
 
 
 def _ival(x: tuple[float, float, float]) -> str:
@@ -349,10 +367,10 @@ def plot(summary, reference: dict[str, float] | None, path: str | Path,
     rows = (len(keys) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.0 * rows), dpi=80)
     for ax, k in zip(np.ravel(axes), keys):
-        for method, iters in summary.items():
+        for n, (method, iters) in enumerate(summary.items()):
             xs = [i for i in iters if k in iters[i]]
-            ax.errorbar(xs, [iters[i][k][0] for i in xs], yerr=[iters[i][k][1] for i in xs], marker="o",
-                        capsize=3, label=method)
+            ax.errorbar(xs, [iters[i][k][0] for i in xs], yerr=[iters[i][k][1] for i in xs], marker="os^Dv"[n // 10 % 5],
+                        capsize=3, label=method, color=f"C{n % 10}", ls="-" if n < 10 else "--")
         if reference and k in reference:
             ax.axhline(reference[k], color="gray", ls="--", lw=1, label="D0")
         ax.set_title(k)
@@ -368,6 +386,38 @@ def plot(summary, reference: dict[str, float] | None, path: str | Path,
     return path
 
 
+def grid(run_dir: str | Path, path: str | Path, seed: int = 0, n: int = 12, scale: int = 2) -> Path:
+    """A PNG of image rows: D0's first ``n`` images, then each method's iteration 0 and last finished iteration for
+    ``seed`` (the same captions in every column), each row labelled on the left."""
+    from PIL import ImageDraw
+
+    folder = RunFolder(run_dir)
+    data = folder.read()
+    rows: list[tuple[str, list[Path]]] = [("D0", folder.reference_images()[:n])]
+    last: dict[str, int] = {}
+    for r in data.records:
+        if r.done and r.seed == seed:
+            last[r.method] = max(last.get(r.method, 0), r.iteration)
+    for method in sorted(last, key=lambda m: data.methods.index(m) if m in data.methods else len(data.methods)):
+        for i in sorted({0, last[method]}):
+            rows.append((f"{method} {i}", folder.iteration_images(method, seed, i)[:n]))
+    with Image.open(rows[0][1][0]) as first:
+        size = first.width * scale
+    label_w = 160
+    sheet = Image.new("RGB", (label_w + n * (size + 2), len(rows) * (size + 2)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for y, (label, paths) in enumerate(rows):
+        draw.text((4, y * (size + 2) + size // 2 - 5), label, fill="black")
+        for x, im in enumerate(_open_rgb(paths)):
+            sheet.paste(im.resize((size, size), Image.Resampling.NEAREST), (label_w + x * (size + 2), y * (size + 2)))
+    from ..atomic import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m redifine_core.toy.science", description=__doc__.split("\n")[0])
     ap.add_argument("run_dir", type=Path)
@@ -377,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="toy", help="the toy model folder for --run (default: the shipped one)")
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--grid", type=Path, default=None,
+                    help="write a PNG of D0 and every method's iteration 0 and last iteration (seed 0, 12 captions)")
     ap.add_argument("--findings", action="store_true",
                     help=f"write the study's findings per method to {FINDINGS_FILE.name} (committed with the study)")
     args = ap.parse_args(argv)
@@ -386,7 +438,14 @@ def main(argv: list[str] | None = None) -> int:
             resume = (args.run_dir / "run.json").is_file()
             print(f"{'resuming' if resume else 'running'} the study: {len(config.methods)} methods x "
                   f"{len(config.seeds)} seeds x {config.iterations} iterations into {args.run_dir}")
-            print(f"report: {run_science(args.run_dir, args.seeds, model=args.model, resume=resume)}")
+            from ..cli_progress import TqdmProgress
+
+            progress = TqdmProgress()
+            try:
+                report = run_science(args.run_dir, args.seeds, progress, model=args.model, resume=resume)
+            finally:
+                progress.close()
+            print(f"report: {report}")
         except (ValueError, FileNotFoundError, FileExistsError) as e:
             ap.error(str(e).splitlines()[0])
     try:
@@ -405,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     if args.plot:
         print(f"plot: {plot(summary, ref, args.plot)}")
+    if args.grid:
+        print(f"grid: {grid(args.run_dir, args.grid)}")
     if args.json:
         from ..atomic import write_json
 
