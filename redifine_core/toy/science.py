@@ -369,8 +369,9 @@ def plot(summary, reference: dict[str, float] | None, path: str | Path,
     for ax, k in zip(np.ravel(axes), keys):
         for n, (method, iters) in enumerate(summary.items()):
             xs = [i for i in iters if k in iters[i]]
-            ax.errorbar(xs, [iters[i][k][0] for i in xs], yerr=[iters[i][k][1] for i in xs], marker="os^Dv"[n // 10 % 5],
-                        capsize=3, label=method, color=f"C{n % 10}", ls="-" if n < 10 else "--")
+            style = dict(marker="os^Dv"[n // 10 % 5], color=f"C{n % 10}", ls="-" if n < 10 else "--")  # > 10 lines
+            ax.errorbar(xs, [iters[i][k][0] for i in xs], yerr=[iters[i][k][1] for i in xs], capsize=3, label=method,
+                        **style)
         if reference and k in reference:
             ax.axhline(reference[k], color="gray", ls="--", lw=1, label="D0")
         ax.set_title(k)
