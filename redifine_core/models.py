@@ -47,7 +47,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .single_file import CONFIG_ROOT, PACKAGE_DIR, checkpoint_shapes, detect_architecture, load_single_file
-from .vae import vae_dtype
+from .vae import cast_inputs_to_weights, vae_dtype
 
 PathLike = Union[str, os.PathLike]
 
@@ -220,8 +220,13 @@ class Pipeline:
         )
 
     def to_diffusers(self) -> Any:
-        """A diffusers pipeline object sharing these modules (for comparisons; its scheduler is a copy)."""
+        """A diffusers pipeline object sharing these modules (for comparisons; its scheduler is a copy).
+
+        It runs in any precision: a VAE kept in float32 under fp16 (:func:`vae.vae_dtype`) casts what diffusers hands
+        it (:func:`vae.cast_inputs_to_weights`)."""
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        cast_inputs_to_weights(self.vae)
 
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         if self.is_sdxl:

@@ -104,6 +104,30 @@ def _tiling(vae: Any) -> Iterator[None]:
             vae.disable_tiling()
 
 
+def cast_inputs_to_weights(vae: Any) -> Any:
+    """Let code outside the core (diffusers' pipelines) call an upcast VAE with half-precision tensors; returns ``vae``.
+
+    diffusers' SD pipeline hands its float16 latents straight to ``vae.decode``, which fails on a VAE kept in float32
+    (see :func:`vae_dtype`). Forward pre-hooks on the encoder, ``post_quant_conv`` and decoder cast the incoming tensor
+    to the weights' dtype. Registered once per VAE; a no-op for the core's own calls, which already cast.
+    """
+    if getattr(vae, "_redifine_casts_inputs", False):
+        return vae
+
+    def cast(module: Any, args: tuple) -> tuple:
+        weight = next(module.parameters(), None)
+        if weight is None or not args or not isinstance(args[0], torch.Tensor) or args[0].dtype == weight.dtype:
+            return args
+        return (args[0].to(weight.dtype),) + tuple(args[1:])
+
+    for name in ("encoder", "post_quant_conv", "decoder"):
+        module = getattr(vae, name, None)
+        if isinstance(module, torch.nn.Module):
+            module.register_forward_pre_hook(cast)
+    vae._redifine_casts_inputs = True
+    return vae
+
+
 @torch.no_grad()
 def encode_moments(pipeline: Any, pixels: torch.Tensor, batch_size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE latent distribution of ``pixels`` [N, 3, H, W] in [-1, 1]: ``(mean, std)`` in the raw (unscaled) space.

@@ -305,3 +305,18 @@ def test_generate_batches_removes_the_lora_when_closed_early(sd):
     assert (first - base[:1]).abs().max() > 1e-3  # applied while streaming
     batches.close()
     torch.testing.assert_close(generate(sd, **args), base, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_to_diffusers_runs_at_fp16_with_the_upcast_vae(kind):
+    """Under fp16 the VAE stays float32 (force_upcast); diffusers' own pipeline hands it fp16 latents and must not fail."""
+    from redifine_core.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
+
+    half = Pipeline.from_diffusers(tiny_sd_pipeline() if kind == "sd" else tiny_sdxl_pipeline(), source="half")
+    half.to(dtype=torch.float16)
+    assert half.unet.dtype == torch.float16 and half.vae.dtype == torch.float32
+    ref = _diffusers(half, "ddim", PROMPTS[:2], SEEDS[:2], guidance=5.0, steps=2)
+    ours = generate(half, PROMPTS[:2], 5.0, steps=2, seeds=SEEDS[:2], width=16, height=16)
+    assert np.isfinite(ref).all() and ref.shape == (2, 16, 16, 3)
+    np.testing.assert_allclose(ours.numpy(), ref, atol=2e-3, rtol=0)
+    assert half.vae.dtype == torch.float32  # still upcast: nothing was cast back behind our back
