@@ -1,6 +1,7 @@
 """The prepared GPU suite: full-size random-weight SD1.5 and SDXL, our code against diffusers + peft, one table.
 
-    python bench/gpu.py                          # on a CUDA GPU: about 4-6 minutes, writes docs/benchmarks.md
+    python bench/gpu.py                          # on a CUDA GPU: about 5 minutes (283 s on an H200), writes
+                                                 # docs/benchmarks.md
     python bench/gpu.py --device cpu --small     # smoke run on tiny configs (seconds); writes only with --out
 
 Builds SD1.5 (512 px) and SDXL (1024 px) from the bundled configs with random weights (nothing is downloaded;
@@ -12,7 +13,8 @@ Builds SD1.5 (512 px) and SDXL (1024 px) from the bundled configs with random we
 * Sampling (DDIM, 20 steps): ``sampling.generate`` at constant CFG 7.5 against ``StableDiffusion(XL)Pipeline`` on the
   same modules and seeds (target <= 1.00x), and with the ``redifine`` schedule (informational: fewer uncond passes).
 * One chain unit (1 iteration of the ``redifine`` method: 20 LoRA steps rank 16 batch 1, 8 images generated one at a
-  time, metrics): wall time and peak VRAM. Targets: SD1.5 512 px <= 6 GB, SDXL 1024 px <= 12 GB.
+  time, metrics): wall time, peak VRAM, the resident weights, and the peak of each phase (LoRA training, UNet
+  sampling, VAE decode, the rest; ``PhasePeaks``). Targets: SD1.5 512 px <= 6 GB, SDXL 1024 px <= 12 GB.
 
 Peak VRAM is ``torch.cuda.max_memory_allocated`` and includes the model's resident weights. Every section runs in its
 own try/except (an error is recorded in the table and the run goes on); a time budget (``--budget``, default 420 s)
@@ -31,9 +33,10 @@ import sys
 import tempfile
 import time
 import traceback
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -215,12 +218,14 @@ class Suite:
             steps=steps, batch_size=1, width=size, height=size, features="handcrafted",
         )
         fs.reset_vram(self.device)
-        with tempfile.TemporaryDirectory(prefix="redifine_gpu_chain_") as tmp:
+        resident = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else None
+        phases = PhasePeaks(self.device)
+        with tempfile.TemporaryDirectory(prefix="redifine_gpu_chain_") as tmp, phases.tracking():
             t0 = time.perf_counter()
-            run_chain(pipe, data, config, Path(tmp) / "run", render=False)
+            run_chain(pipe, data, config, Path(tmp) / "run", render=False, backend=phases.backend())
             fs.sync(self.device)
             wall = time.perf_counter() - t0
-        peak = fs.peak_vram(self.device)
+        peak = phases.overall()
         setting = (f"{precision}, {size} px, 1 iteration: {train_steps} LoRA steps r{rank} b1, {len(CAPTIONS)} images "
                    f"x {steps} steps, batch 1")
         self.add("chain unit", kind, setting, "wall s", f"{wall:.1f}", "", None, "")
@@ -228,6 +233,10 @@ class Suite:
             target = VRAM_TARGET_GB[kind]
             self.add("chain unit", kind, setting, "peak VRAM GB", f"{peak / 1e9:.2f}", "", None, f"<= {target:g} GB",
                      peak / 1e9 <= target)
+            if resident is not None:
+                self.add("chain unit", kind, setting, "VRAM GB before the run (resident weights)", f"{resident / 1e9:.2f}")
+            for name, value in phases.peaks.items():
+                self.add("chain unit", kind, setting, f"peak VRAM GB, {name}", f"{value / 1e9:.2f}")
 
     # ------------------------------------------------------------------------------------------------- driver
     def precisions(self) -> list[str]:
@@ -292,6 +301,76 @@ class Suite:
             "",
             fs.markdown_table(HEADER, self.rows),
         ])
+
+
+class PhasePeaks:
+    """Peak VRAM per phase of a chain unit (LoRA training, UNet sampling, VAE decode, the rest), via the chain's backend
+    seam and ``sampling.decode_latents``: each phase resets the peak on entry and folds it into its own figure on exit.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peaks: dict[str, int] = {}
+        self._current = "other (metrics, files)"
+        self._max = 0
+
+    def _fold(self) -> None:
+        value = fs.peak_vram(self.device)
+        if value is not None:
+            self.peaks[self._current] = max(self.peaks.get(self._current, 0), value)
+            self._max = max(self._max, value)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        outer = self._current
+        self._fold()
+        self._current = name
+        try:
+            yield
+        finally:
+            self._fold()
+            self._current = outer
+
+    def backend(self) -> Any:
+        from redifine_core.chain import default_backend
+
+        backend = default_backend()
+        finetune, batches = backend.finetune, backend.generate_batches
+
+        def tracked_finetune(*args: Any, **kwargs: Any) -> Any:
+            with self.phase("LoRA training"):
+                return finetune(*args, **kwargs)
+
+        def tracked_batches(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            with self.phase("sampling (UNet)"):
+                yield from batches(*args, **kwargs)
+
+        backend.finetune = tracked_finetune
+        if batches is not None:
+            backend.generate_batches = tracked_batches
+        return backend
+
+    @contextmanager
+    def tracking(self) -> Iterator[None]:
+        """``sampling.decode_latents`` counted as its own phase while the block runs."""
+        from redifine_core import sampling
+
+        decode = sampling.decode_latents
+
+        def tracked_decode(*args: Any, **kwargs: Any) -> Any:
+            with self.phase("VAE decode"):
+                return decode(*args, **kwargs)
+
+        sampling.decode_latents = tracked_decode
+        try:
+            yield
+        finally:
+            sampling.decode_latents = decode
+            self._fold()
+
+    def overall(self) -> Optional[int]:
+        return self._max if self.device.type == "cuda" else None
 
 
 def _restore_unet(pipe: Any) -> None:
