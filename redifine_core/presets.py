@@ -61,7 +61,8 @@ PRESET_TABLE: tuple[Preset, ...] = (
            "the project's brief: 'alternates between low and high CFG scales'",
            "low and high alternating along the chain"),
 )
-"""Every preset, in the order the docs list them. The two brief readings share w_low = 2 (the demo's low CFG, full-
-caption accuracy 0.977 on the toy model) and w_high = 7.5 (the reviewers' 5-10 range and the usual SD default)."""
+"""Every preset, in the order the docs list them. The two brief readings share w_low = 2 (the demo's low CFG, where the
+toy model still draws the right caption: full-caption accuracy >= 0.97) and w_high = 7.5 (the reviewers' 5-10 range
+and the usual SD default)."""
 
 PRESET_DEFS: dict[str, Preset] = {p.name: p for p in PRESET_TABLE}
