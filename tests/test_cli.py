@@ -182,11 +182,12 @@ def test_ctrl_c_stops_cleanly_and_prints_resume(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(chain_mod, "run_chain", fake_run_chain)
     monkeypatch.setattr(cli, "load_job_dataset", lambda job: None)
     monkeypatch.setattr(cli, "load_job_pipeline", lambda job: None)
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a job started with `&`
     rc = cli.main(["chain", str(toml), "--out", str(tmp_path / "run"), "--quiet"])
     assert rc == 130 and seen["cancel_set"]
     err = capsys.readouterr().err
     assert f"--out {tmp_path / 'run'} --resume" in err and "Traceback" not in err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler restored
 
 
 def test_demo_calls_run_demo_and_prints_the_report(tmp_path, capsys, monkeypatch):
