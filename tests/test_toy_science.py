@@ -21,7 +21,8 @@ def _write_iter(folder, images, captions, metrics):
     (folder / "DONE").write_text("")
 
 
-def test_summary_of_a_small_run(tmp_path):
+def _small_run(tmp_path):
+    """A run folder: D0 of 6 toy images, method "m" with 2 seeds x 2 iterations; iteration 1 has wrong captions."""
     images, captions, attrs = generate(6, seed=0)
     wrong = [caption_for(a.shape, a.background, a.color) for a in attrs]
     (tmp_path / "reference" / "images").mkdir(parents=True)
@@ -35,6 +36,11 @@ def test_summary_of_a_small_run(tmp_path):
         _write_iter(tmp_path / "m" / f"seed_{seed}" / "iter_000", images, captions, base)
         # iteration 1: the captions no longer match (fidelity 0) and hf_share halves
         _write_iter(tmp_path / "m" / f"seed_{seed}" / "iter_001", images, wrong, {**base, "hf_share": 0.05})
+    return images
+
+
+def test_summary_of_a_small_run(tmp_path):
+    _small_run(tmp_path)
     rec = iteration_records(tmp_path)
     assert rec["m"][0][0]["fidelity"] == 1.0 and rec["m"][1][1]["fidelity"] == 0.0
     s = summarise(rec)["m"]
@@ -199,3 +205,17 @@ def test_no_needs_intervals_that_exclude_a_flaggable_change():
     assert _direction(wide, ("hf_share", "laplacian_var", "spectral_slope"), -1)[0] == "unclear"
     assert _direction(narrow, ("hf_share", "laplacian_var", "spectral_slope"), -1)[0] == "no"
     assert _direction(dict(narrow, spectral_slope=(-0.1, -0.35, 0.1)), ("spectral_slope",), -1)[0] == "unclear"
+
+
+def test_grid_shows_d0_then_each_method_at_its_first_and_last_iteration(tmp_path):
+    from redifine_core.report import PAD, ROW_LABEL_W
+    from redifine_core.toy.science import grid
+
+    images = _small_run(tmp_path)
+    out = grid(tmp_path, tmp_path / "grid.png", n=4, scale=2)
+    with Image.open(out) as im:
+        sheet = np.asarray(im.convert("RGB"))
+    tile = 2 * images.shape[1]
+    assert sheet.shape[:2] == (3 * (tile + PAD) + PAD, ROW_LABEL_W + 4 * (tile + PAD) + PAD)  # D0, m 0, m 1 x 4
+    x0, y0 = ROW_LABEL_W + PAD, PAD
+    np.testing.assert_array_equal(sheet[y0:y0 + tile:2, x0:x0 + tile:2], images[0])  # D0's first image, 2x nearest

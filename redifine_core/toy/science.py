@@ -388,9 +388,11 @@ def plot(summary, reference: dict[str, float] | None, path: str | Path,
 
 
 def grid(run_dir: str | Path, path: str | Path, seed: int = 0, n: int = 12, scale: int = 2) -> Path:
-    """A PNG of image rows: D0's first ``n`` images, then each method's iteration 0 and last finished iteration for
-    ``seed`` (the same captions in every column), each row labelled on the left."""
-    from PIL import ImageDraw
+    """A PNG of image rows (``report.image_grid``): D0's first ``n`` images, then each method's iteration 0 and last
+    finished iteration for ``seed`` (the same captions in every column), each row labelled on the left; pixels are
+    enlarged ``scale`` times, nearest-neighbour."""
+    from ..atomic import save_png
+    from ..report import image_grid
 
     folder = RunFolder(run_dir)
     data = folder.read()
@@ -402,20 +404,13 @@ def grid(run_dir: str | Path, path: str | Path, seed: int = 0, n: int = 12, scal
     for method in sorted(last, key=lambda m: data.methods.index(m) if m in data.methods else len(data.methods)):
         for i in sorted({0, last[method]}):
             rows.append((f"{method} {i}", folder.iteration_images(method, seed, i)[:n]))
-    with Image.open(rows[0][1][0]) as first:
-        size = first.width * scale
-    label_w = 160
-    sheet = Image.new("RGB", (label_w + n * (size + 2), len(rows) * (size + 2)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for y, (label, paths) in enumerate(rows):
-        draw.text((4, y * (size + 2) + size // 2 - 5), label, fill="black")
-        for x, im in enumerate(_open_rgb(paths)):
-            sheet.paste(im.resize((size, size), Image.Resampling.NEAREST), (label_w + x * (size + 2), y * (size + 2)))
-    from ..atomic import atomic_path
-
+    images: list[Optional[Image.Image]] = []
+    for _, paths in rows:
+        opened = _open_rgb(paths)
+        images += opened + [None] * (n - len(opened))  # a short row keeps its columns aligned
+    tile = images[0].width * scale if images and images[0] is not None else 64
     path = Path(path)
-    with atomic_path(path) as tmp:
-        sheet.save(tmp, format="PNG")
+    save_png(path, image_grid(images, rows=len(rows), row_labels=[label for label, _ in rows], tile=tile))
     return path
 
 
