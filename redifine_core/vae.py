@@ -19,14 +19,21 @@ Every VAE use in the core goes through here, so three things hold everywhere:
   their seams and change pixels slightly; diffusers' pipelines do not tile by default either). Measured on CPU with
   the full-size SD1.5 VAE in float32, 8 latents decoded to 256 px: RSS grows 1.76 GB for the whole batch in one call,
   0.87 GB at 4 images per call, 0.38 GB at 1; activation memory grows with the pixels per call.
+- **Out of GPU memory.** A decode call that runs out of memory is retried once in tiles of half the VAE's native size
+  (:func:`_half_tiles`; diffusers' tiling with its tile size lowered), with a warning. On an H200 one 1024 px SDXL
+  image in the float32 VAE took 5.2 GB above the resident weights (docs/benchmarks.md), which is what pushes an SDXL
+  chain past a 12 GB card; 512 px tiles need about a quarter of that. Outputs that fit stay exactly untiled.
 """
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 # at most this many output pixels per VAE call (one 1024x1024 image); see the module docstring
 MAX_PIXELS_PER_CALL = 1024 * 1024
@@ -104,6 +111,39 @@ def _tiling(vae: Any) -> Iterator[None]:
             vae.disable_tiling()
 
 
+@contextmanager
+def _half_tiles(vae: Any) -> Iterator[None]:
+    """Tiling on, with tiles of half the VAE's native size, for the call (diffusers' AutoencoderKL tile attributes)."""
+    names = ("tile_sample_min_size", "tile_latent_min_size")
+    if not all(hasattr(vae, n) for n in names) or not hasattr(vae, "enable_tiling"):
+        raise RuntimeError(f"{type(vae).__name__} has no tile size to lower")
+    saved = {n: getattr(vae, n) for n in names}
+    was = bool(getattr(vae, "use_tiling", False))
+    vae.enable_tiling()
+    vae.tile_sample_min_size = max(1, saved["tile_sample_min_size"] // 2)
+    vae.tile_latent_min_size = max(1, saved["tile_latent_min_size"] // 2)
+    try:
+        yield
+    finally:
+        for n, v in saved.items():
+            setattr(vae, n, v)
+        if not was:
+            vae.disable_tiling()
+
+
+def _decode_call(vae: Any, z: torch.Tensor) -> torch.Tensor:
+    """One VAE decode; on running out of memory, once more in half-size tiles (see the module docstring)."""
+    try:
+        return vae.decode(z, return_dict=False)[0]
+    except torch.OutOfMemoryError:
+        if z.is_cuda:
+            torch.cuda.empty_cache()
+        logger.warning("the VAE ran out of memory decoding %d image(s) of %dx%d latents; decoding again in tiles of "
+                       "half its native size (seams are blended)", z.shape[0], z.shape[-2], z.shape[-1])
+        with _half_tiles(vae):
+            return vae.decode(z, return_dict=False)[0]
+
+
 def cast_inputs_to_weights(vae: Any) -> Any:
     """Let code outside the core (diffusers' pipelines) call an upcast VAE with half-precision tensors; returns ``vae``.
 
@@ -166,7 +206,7 @@ def decode(pipeline: Any, latents: torch.Tensor, batch_size: int = 4) -> torch.T
     with _tiling(vae):
         for start in range(0, latents.shape[0], step):
             z = unscale_latents(pipeline, latents[start:start + step].to(device=vae.device, dtype=vae.dtype))
-            image = vae.decode(z, return_dict=False)[0]
+            image = _decode_call(vae, z)
             images.append((image * 0.5 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float())
     if not images:
         return torch.empty(0, latents.shape[-2] * factor, latents.shape[-1] * factor, 3)

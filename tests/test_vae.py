@@ -152,3 +152,31 @@ def test_a_float32_vae_in_a_bf16_pipeline_is_not_rounded_down(tiny_sd):
     images = decode(pipe, latents.bfloat16())
     assert pipe.vae.dtype == torch.float32 and images.dtype == torch.float32
     torch.testing.assert_close(images, decode(_own_vae(tiny_sd), latents.bfloat16().float()), atol=0, rtol=0)
+
+
+def test_decode_out_of_memory_retries_in_half_size_tiles(tiny_sd, caplog):
+    """A card with memory for half-size tiles only: the untiled decode of a native-size image runs out of memory, the
+    call is retried in tiles of half the VAE's native size, and the VAE's tile settings are restored afterwards."""
+    pipe = _own_vae(tiny_sd)
+    vae = pipe.vae
+    tile = vae.tile_latent_min_size
+    seen: list[tuple[int, ...]] = []
+
+    def small_card(module, args):
+        seen.append(tuple(args[0].shape))
+        if args[0].shape[-1] > tile // 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    handle = vae.decoder.register_forward_pre_hook(small_card)
+    latents = torch.randn(2, 4, tile, tile, generator=torch.Generator().manual_seed(3))
+    with caplog.at_level("WARNING", logger="redifine_core.vae"):
+        images = decode(pipe, latents, batch_size=2)
+    assert tuple(images.shape) == (2, 2 * tile, 2 * tile, 3)
+    assert seen[0][-1] == tile and len(seen) > 2 and all(s[-1] <= tile // 2 for s in seen[1:])
+    assert "ran out of memory" in caplog.text
+    assert vae.tile_latent_min_size == tile and vae.tile_sample_min_size == 2 * tile and vae.use_tiling is False
+    handle.remove()
+    with torch.no_grad(), vae_mod._half_tiles(vae):  # the retry is the half-tile decode itself
+        ref = vae.decode(latents / vae.config.scaling_factor).sample
+    torch.testing.assert_close(images, (ref * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1), atol=1e-5, rtol=0)
+    assert vae.tile_latent_min_size == tile and vae.use_tiling is False
