@@ -64,17 +64,17 @@ def test_prompt_fidelity_at_best_cfg(toy_pipeline):
 
 
 def test_reproduces_the_detail_of_its_data_at_iteration_0(toy_pipeline):
-    """A test bed that can show blur keeps most of D0's fine detail at the best CFG: HF share and Laplacian variance
-    within 45 % of toy data drawn like a demo's D0 (48 samples at 15 steps, as in a demo's iteration 0). Measured
-    about -35 % for both (docs/toy-lab.md; issue 11 asks for 30 %, not reached); the previous model, -75 % and -80 %,
-    fails this."""
+    """Issue 11's bar for a test bed that can show blur: at the best constant CFG of the study (2), the base model's
+    HF share and Laplacian variance are within 30 % of toy data drawn like a demo's D0 (48 samples at 15 steps, as in
+    a demo's iteration 0). Measured -20 % and -22 % (CFG 3: -27 % and -25 %); without the decoder phase of the
+    training recipe it was -24 % and -33 %, and the first toy model -75 % and -80 %, both failing it."""
     from redifine_core.metrics import image_statistics
     from redifine_core.sampling import generate
     from redifine_core.toy.dataset import generate as toy_images
     from redifine_core.toy.demo import DATA_SEED
 
     data, captions, _ = toy_images(48, seed=DATA_SEED)
-    images = generate(toy_pipeline, captions, schedule=3.0, steps=15, seeds=0, batch_size=48)
+    images = generate(toy_pipeline, captions, schedule=2.0, steps=15, seeds=0, batch_size=48)
     made, d0 = image_statistics(images), image_statistics(data)
     for key in ("hf_share", "laplacian_var"):
-        assert abs(made[key] / d0[key] - 1) <= 0.45, (key, made[key], d0[key])
+        assert abs(made[key] / d0[key] - 1) <= 0.30, (key, made[key], d0[key])

@@ -9,7 +9,7 @@ import torch
 
 from redifine_core.toy.train import ToyTrainConfig, train
 
-TINY = dict(n_images=48, vae_images=48, vae_steps=2, steps=4, batch_size=4, warmup=1)
+TINY = dict(n_images=48, vae_images=48, vae_steps=2, decoder_steps=2, steps=4, batch_size=4, warmup=1)
 
 
 def _weights(folder):
@@ -42,8 +42,37 @@ def test_train_writes_folder_and_resume_reproduces_it(tmp_path):
 
 @pytest.mark.parametrize("kwargs, field", [
     (dict(steps=-1), "steps"), (dict(lr=0.0), "lr"), (dict(cond_drop=1.0), "cond_drop"),
-    (dict(ema=1.0), "ema"), (dict(batch_size=0), "batch_size"),
+    (dict(ema=1.0), "ema"), (dict(batch_size=0), "batch_size"), (dict(decoder_steps=-1), "decoder_steps"),
+    (dict(decoder_lr=0.0), "decoder_lr"), (dict(decoder_edge=-0.5), "decoder_edge"),
 ])
 def test_config_validation(kwargs, field):
     with pytest.raises(ValueError, match=field):
         ToyTrainConfig(**kwargs)
+
+
+def test_decoder_finetune_sharpens_reconstructions_without_moving_the_latents():
+    """Phase 1b trains the decoder alone on the encoder's mean latents: the encoder (and so every latent phase 2
+    learns) is bit-for-bit unchanged, the decoder moves, and its reconstructions of the means get closer."""
+    import torch.nn.functional as F
+
+    from redifine_core.toy import model_config as mc
+    from redifine_core.toy.dataset import generate
+    from redifine_core.toy.train import _to_tensor, finetune_decoder
+
+    cfg = ToyTrainConfig(**{**TINY, "decoder_steps": 40, "decoder_lr": 1e-3, "batch_size": 8})
+    images = generate(48, seed=3)[0]
+    vae = mc.build_vae(0).eval()
+    x = _to_tensor(images)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    with torch.no_grad():
+        mean0 = vae.encode(x).latent_dist.mean
+        err0 = F.mse_loss(vae.decode(mean0).sample, x).item()
+    finetune_decoder(cfg, vae, images)
+    after = vae.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    assert not any(p.requires_grad for p in vae.parameters()) and not vae.training
+    with torch.no_grad():
+        assert torch.equal(vae.encode(x).latent_dist.mean, mean0)
+        err1 = F.mse_loss(vae.decode(mean0).sample, x).item()
+    assert err1 < 0.75 * err0, (err0, err1)  # measured 0.38 -> 0.23
