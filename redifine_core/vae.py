@@ -113,22 +113,19 @@ def _tiling(vae: Any) -> Iterator[None]:
 
 @contextmanager
 def _half_tiles(vae: Any) -> Iterator[None]:
-    """Tiling on, with tiles of half the VAE's native size, for the call (diffusers' AutoencoderKL tile attributes)."""
+    """:func:`_tiling` with tiles of half the VAE's native size (diffusers' AutoencoderKL tile attributes), for the call."""
     names = ("tile_sample_min_size", "tile_latent_min_size")
-    if not all(hasattr(vae, n) for n in names) or not hasattr(vae, "enable_tiling"):
+    if not all(hasattr(vae, n) for n in names):
         raise RuntimeError(f"{type(vae).__name__} has no tile size to lower")
     saved = {n: getattr(vae, n) for n in names}
-    was = bool(getattr(vae, "use_tiling", False))
-    vae.enable_tiling()
-    vae.tile_sample_min_size = max(1, saved["tile_sample_min_size"] // 2)
-    vae.tile_latent_min_size = max(1, saved["tile_latent_min_size"] // 2)
-    try:
-        yield
-    finally:
+    with _tiling(vae):
         for n, v in saved.items():
-            setattr(vae, n, v)
-        if not was:
-            vae.disable_tiling()
+            setattr(vae, n, max(1, v // 2))
+        try:
+            yield
+        finally:
+            for n, v in saved.items():
+                setattr(vae, n, v)
 
 
 def _decode_call(vae: Any, z: torch.Tensor) -> torch.Tensor:
