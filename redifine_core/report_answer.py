@@ -27,7 +27,9 @@ SHOWN_REASONS = 4
 """How many reasons a table cell writes out; the rest are counted ("+2 more") and all are in metrics.csv."""
 
 NOTICEABLE = 0.05
-"""A statistic is quoted as part of a drift only when it moved the drift's way by more than 5 % (relative)."""
+"""A statistic is quoted as part of a drift only when it moved the drift's way by more than 5 % (relative), or, for
+the statistics whose verdict threshold is absolute (clipped fraction, spectral slope), by more than 5 % of that
+threshold: a clipped fraction going from 0 to 1e-5 is no evidence and would read "0.00% -> 0.00%"."""
 STAT_NAMES = {"hf_share": "high-frequency share", "laplacian_var": "Laplacian variance (edge sharpness)",
               "saturation": "saturation", "colourfulness": "colourfulness", "clipped_fraction": "clipped pixels",
               "spectral_slope": "spectral slope"}
@@ -120,7 +122,8 @@ def _method_sentence(data: RunData, method: str, spec: dict) -> tuple[str, Optio
     if label in (OVER, BLUR):
         stats = [k for k in _MODE_STATS[label] if mean[0][k] is not None and mean[last][k] is not None]
         sign = 1.0 if label == OVER else -1.0  # the metrics that moved the mode's way, the largest move first
-        stats = sorted((k for k in stats if sign * (mean[last][k] - mean[0][k]) > NOTICEABLE * abs(mean[0][k])),
+        stats = sorted((k for k in stats if sign * (mean[last][k] - mean[0][k])
+                        > NOTICEABLE * (_ABSOLUTE[k] if k in _ABSOLUTE else abs(mean[0][k]))),
                        key=lambda k: -_units(k, mean[0][k], mean[last][k]))
         details = ", ".join(_change(k, mean[0][k], mean[last][k]) for k in stats[:3])
         text = (f"{name} {_WHAT[label]}{seeds_note} by round {last}: {details}; first flagged in round {first}"

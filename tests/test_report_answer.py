@@ -107,3 +107,23 @@ def test_no_finished_round_says_so(tmp_path):
     (root / "run.json").write_text(json.dumps({"schema_version": 1, "status": "running", "config": {
         "iterations": 2, "methods": [{"name": "a", "kind": "baseline", "cfg": 3.0}]}, "seeds": [0]}))
     assert plain_answer(root).startswith("No round has finished yet")
+
+
+
+@pytest.mark.parametrize("last_clipped, quoted", [(1e-5, False), (0.3, True)])
+def test_clipped_pixels_are_quoted_only_when_they_rose_noticeably(run_dir, tmp_path, last_clipped, quoted):
+    """A clipped fraction going from 0 to 1e-5 is no evidence of over-guidance (it read "0.00% -> 0.00%")."""
+    root = tmp_path / "copy"
+    shutil.copytree(run_dir, root)
+    last = ITERATIONS - 1
+    for seed_file0, seed_file in zip(_metrics_files(root, "baseline-w9", 0), _metrics_files(root, "baseline-w9", last)):
+        d0, d = json.loads(seed_file0.read_text()), json.loads(seed_file.read_text())
+        for k in ("hf_share", "laplacian_var", "colourfulness"):  # only saturation (and clipping) move
+            d["metrics"][k] = d0["metrics"][k]
+        d["metrics"]["saturation"] = 2 * d0["metrics"]["saturation"]
+        d0["metrics"]["clipped_fraction"], d["metrics"]["clipped_fraction"] = 0.0, last_clipped
+        seed_file0.write_text(json.dumps(d0))
+        seed_file.write_text(json.dumps(d))
+    line = next(l for l in plain_answer(root).splitlines() if l.startswith("baseline-w9"))
+    assert "drifted towards over-guidance" in line and "saturation +100%" in line, line
+    assert ("clipped pixels 0.00% -> 30.00%" in line) is quoted and ("clipped pixels" in line) is quoted, line
