@@ -109,6 +109,7 @@ BOUNDS: Mapping[str, Bound] = MappingProxyType({
     "download_limit": _B(1, 1_000_000, doc="images written by `redifine dataset --limit`"),
     "generations": _B(1, 1_000, doc="generations of `redifine traits`"),
     "population": _B(2, 100_000, doc="population of `redifine traits`"),
+    "threads": _B(1, 1_024, doc="torch CPU threads (`--threads` of the toy training and evaluation scripts)"),
 })
 
 

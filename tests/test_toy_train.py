@@ -44,10 +44,33 @@ def test_train_writes_folder_and_resume_reproduces_it(tmp_path):
     (dict(steps=-1), "steps"), (dict(lr=0.0), "lr"), (dict(cond_drop=1.0), "cond_drop"),
     (dict(ema=1.0), "ema"), (dict(batch_size=0), "batch_size"), (dict(decoder_steps=-1), "decoder_steps"),
     (dict(decoder_lr=0.0), "decoder_lr"), (dict(decoder_edge=-0.5), "decoder_edge"),
+    (dict(steps=10**7), "steps"), (dict(n_images=True), "n_images"),
 ])
 def test_config_validation(kwargs, field):
     with pytest.raises(ValueError, match=field):
         ToyTrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--device", "tpu"], "device='tpu' is not a device"),
+    (["--device", "cuda:7"], "device='cuda:7'"),
+    (["--threads", "0"], "--threads=0 must be an integer in [1, 1024]"),
+    (["--steps", "-3"], "steps=-3 must be an integer in [0, 1000000]"),
+    (["--n-images", "0"], "n_images=0 must be an integer in [1, 1000000]"),
+    (["--minutes", "0"], "--minutes=0.0 must be > 0"),
+    (["--seed", "-1"], "--seed=-1 must be an integer in [0, 2**63-1]"),
+    (["--checkpoint-every", "0"], "--checkpoint-every=0 must be an integer >= 1"),
+])
+def test_cli_refuses_bad_arguments_in_one_line_before_writing(tmp_path, capsys, argv, expected):
+    from redifine_core.toy.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"), *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("python -m redifine_core.toy.train: error: ")
+    assert list(tmp_path.iterdir()) == []  # nothing written
 
 
 def test_decoder_finetune_sharpens_reconstructions_without_moving_the_latents():
@@ -76,3 +99,21 @@ def test_decoder_finetune_sharpens_reconstructions_without_moving_the_latents():
         assert torch.equal(vae.encode(x).latent_dist.mean, mean0)
         err1 = F.mse_loss(vae.decode(mean0).sample, x).item()
     assert err1 < 0.75 * err0, (err0, err1)  # measured 0.38 -> 0.23
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--n", "0"], "--n=0 must be an integer in [1, 10000]"),
+    (["--cfg", "2", "nan"], "--cfg=nan must be a number in [0, 100]"),
+    (["--steps", "0"], "--steps=0 must be an integer in [1, 10000]"),
+    (["--device", "tpu"], "device='tpu' is not a device"),
+    (["--model", "/nonexistent/toy"], "--model='/nonexistent/toy' is not a diffusers folder"),
+])
+def test_evaluate_cli_refuses_bad_arguments_in_one_line(tmp_path, capsys, argv, expected):
+    from redifine_core.toy.evaluate import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--json", str(tmp_path / "out.json"), *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

@@ -15,6 +15,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from redifine_core import bounds
+from redifine_core.models import resolve_device
+
 from .checker import check
 from .dataset import balanced_captions
 
@@ -78,7 +81,7 @@ def evaluate(folder: str | Path = DEFAULT_MODEL, n: int = 256, cfgs: Sequence[fl
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m redifine_core.toy.evaluate", description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--n", type=int, default=256, help="images per CFG scale (1 to 10000)")
     ap.add_argument("--cfg", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 7.5])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
@@ -86,8 +89,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
+    try:  # every argument is checked before the model loads
+        bounds.check("images", args.n, "--n")
+        bounds.check("steps", args.steps, "--steps")
+        bounds.check("seed", args.seed, "--seed")
+        bounds.check("threads", args.threads, "--threads")
+        for w in args.cfg:
+            bounds.check("cfg", w, "--cfg")
+        if not (args.model / "model_index.json").is_file():
+            raise ValueError(f"--model={str(args.model)!r} is not a diffusers folder (no model_index.json in it)")
+        device = str(resolve_device(args.device))
+    except ValueError as exc:
+        ap.error(str(exc))
     torch.set_num_threads(args.threads)
-    res = evaluate(args.model, args.n, args.cfg, args.steps, args.seed, args.device)
+    res = evaluate(args.model, args.n, args.cfg, args.steps, args.seed, device)
     data = data_statistics(args.n)
     print(f"D0 ({args.n} toy images): hf_share {data['hf_share']:.4f}  laplacian_var {data['laplacian_var']:.5f}  "
           f"saturation {data['saturation']:.3f}")

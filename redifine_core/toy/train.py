@@ -24,11 +24,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from redifine_core import atomic
+from redifine_core import atomic, bounds
+from redifine_core.models import resolve_device
 from redifine_core.toy import model_config as mc
 from redifine_core.toy.dataset import DEFAULT_GRAIN, generate
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "model"
+
+
+MAX_COUNT = 1_000_000
+"""Upper bound of every image and step count of the recipe (the shipped one uses at most 20,000)."""
 
 
 @dataclass(frozen=True)
@@ -54,14 +59,11 @@ class ToyTrainConfig:
     grain: float = DEFAULT_GRAIN
 
     def __post_init__(self) -> None:
-        for name in ("n_images", "vae_images", "batch_size"):
+        for name, lo in (("n_images", 1), ("vae_images", 1), ("batch_size", 1), ("vae_steps", 0),
+                         ("decoder_steps", 0), ("steps", 0), ("warmup", 0)):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r} must be a positive integer")
-        for name in ("vae_steps", "decoder_steps", "steps", "warmup"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name}={v!r} must be an integer >= 0")
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= MAX_COUNT:
+                raise ValueError(f"{name}={v!r} must be an integer in [{lo}, {MAX_COUNT}]")
         for name in ("vae_lr", "decoder_lr", "lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
@@ -399,13 +401,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint-every", type=int, default=250)
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda; the recipe is the same")
     args = ap.parse_args(argv)
-    if args.minutes is not None and args.minutes <= 0:
-        ap.error(f"--minutes={args.minutes} must be > 0")
+    try:  # every argument is checked before anything is trained or written
+        if args.minutes is not None and not args.minutes > 0:
+            raise ValueError(f"--minutes={args.minutes} must be > 0")
+        bounds.check("threads", args.threads, "--threads")
+        bounds.check("seed", args.seed, "--seed")
+        if args.checkpoint_every < 1:
+            raise ValueError(f"--checkpoint-every={args.checkpoint_every} must be an integer >= 1")
+        device = str(resolve_device(args.device))
+        cfg = ToyTrainConfig(seed=args.seed, steps=args.steps, vae_steps=args.vae_steps, n_images=args.n_images,
+                             vae_images=min(ToyTrainConfig.vae_images, max(args.n_images, 1)))
+    except ValueError as exc:
+        ap.error(str(exc))
     torch.set_num_threads(args.threads)
-    cfg = ToyTrainConfig(seed=args.seed, steps=args.steps, vae_steps=args.vae_steps, n_images=args.n_images,
-                         vae_images=min(ToyTrainConfig.vae_images, args.n_images))
     workdir = args.workdir or Path.home() / ".cache" / "redifine" / "toy-train" / f"seed{args.seed}-steps{args.steps}"
-    train(cfg, args.out, workdir, args.minutes, args.checkpoint_every, device=args.device)
+    train(cfg, args.out, workdir, args.minutes, args.checkpoint_every, device=device)
     return 0
 
 
