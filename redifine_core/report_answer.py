@@ -111,9 +111,13 @@ def _method_sentence(data: RunData, method: str, spec: dict) -> tuple[str, Optio
     fid = _mean([r.metrics.get("fid_ref") for r in at[last] if r.seed in seeds])
     labels = [str((r.verdict or {}).get("label", "")) for r in at[last]]
     label, votes = Counter(labels).most_common(1)[0] if labels else ("", 0)
-    seeds_note = f" in {votes} of {len(labels)} seeds" if len(labels) > 1 and votes < len(labels) else ""
+    others = Counter(x for x in labels if x != label)
+    seeds_note = (f" in {votes} of {len(labels)} seeds ("
+                  + "; ".join(f"{n} seed{'s' if n > 1 else ''}: {x or 'no verdict'}" for x, n in others.most_common())
+                  + ")") if others else ""
     moves = {k: _rel(mean[0][k], mean[last][k]) for k in _DRIFT_STATS}
-    biggest = max((abs(v) for v in moves.values() if v is not None), default=None)
+    top = max((k for k in moves if moves[k] is not None), key=lambda k: abs(moves[k]), default=None)
+    biggest = None if top is None else abs(moves[top])
     fid_text = "" if fid is None or fid0 is None else (
         f"FID against your images {fid0:.3g} -> {fid:.3g} ({_rel(fid0, fid):+.0%})")
     if last == 0:
@@ -129,7 +133,7 @@ def _method_sentence(data: RunData, method: str, spec: dict) -> tuple[str, Optio
         text = (f"{name} {_WHAT[label]}{seeds_note} by round {last}: {details}; first flagged in round {first}"
                 + (f"; {fid_text}" if fid_text else "") + ".")
     elif label == DRIFT:
-        moved = f", while its image statistics moved at most {biggest:.0%}" if biggest is not None else ""
+        moved = "" if top is None else f" (largest change in its image statistics: {STAT_NAMES[top]} {moves[top]:+.0%})"
         text = (f"{name} {_WHAT[label]}{seeds_note}: {fid_text or 'FID against your images rose'} by round "
                 f"{last}, first flagged in round {first}{moved}.")
     elif label == INCONCLUSIVE:
@@ -137,7 +141,6 @@ def _method_sentence(data: RunData, method: str, spec: dict) -> tuple[str, Optio
         why = reasons[0] if reasons else "no reason recorded"
         text = f"{name} gave no clear reading at round {last}{seeds_note}: {why}."
     elif label == STABLE:
-        top = max((k for k in moves if moves[k] is not None), key=lambda k: abs(moves[k]), default=None)
         largest = f" (largest change: {STAT_NAMES[top]} {moves[top]:+.0%})" if top is not None else ""
         text = (f"{name} showed no clear drift by round {last}{seeds_note}{largest}"
                 + (f"; {fid_text}" if fid_text else "") + ".")

@@ -127,3 +127,22 @@ def test_clipped_pixels_are_quoted_only_when_they_rose_noticeably(run_dir, tmp_p
     line = next(l for l in plain_answer(root).splitlines() if l.startswith("baseline-w9"))
     assert "drifted towards over-guidance" in line and "saturation +100%" in line, line
     assert ("clipped pixels 0.00% -> 30.00%" in line) is quoted and ("clipped pixels" in line) is quoted, line
+
+
+def test_drift_sentence_names_its_largest_change_and_what_the_other_seeds_read(run_dir, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(run_dir, root)
+    last = ITERATIONS - 1
+    first_seed, second_seed = _metrics_files(root, "baseline-w9", last)
+    d = json.loads(first_seed.read_text())
+    d["verdict"] = {"label": "drifting from the data", "reasons": ["fid_ref +80% vs iteration 0"]}
+    first_seed.write_text(json.dumps(d))
+    line = next(l for l in plain_answer(root).splitlines() if l.startswith("baseline-w9"))
+    moves = {k: _mean(root, "baseline-w9", last, k) / _mean(root, "baseline-w9", 0, k) - 1
+             for k in ("hf_share", "laplacian_var", "saturation", "colourfulness")}
+    names = {"hf_share": "high-frequency share", "laplacian_var": "Laplacian variance (edge sharpness)",
+             "saturation": "saturation", "colourfulness": "colourfulness"}
+    top = max(moves, key=lambda k: abs(moves[k]))
+    assert "drifted away from your images without blurring or over-guiding in 1 of 2 seeds " \
+           "(1 seed: drifting to over-guidance)" in line, line
+    assert f"(largest change in its image statistics: {names[top]} {moves[top]:+.0%})" in line, line
