@@ -37,7 +37,7 @@ class ReDiFinePlotSchedule:
         return bound_error("steps", steps, "steps") or True
 
     def plot(self, schedules, steps):
-        from redifine_core.report import plot_schedule
+        from redifine_core.report_images import plot_schedule
 
         run_checks(self.VALIDATE_INPUTS(schedules, steps))
         img = plot_schedule(lines(schedules), int(steps))

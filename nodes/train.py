@@ -119,7 +119,7 @@ class ReDiFineTrainLoRA:
 
         from redifine_core.lora import save_lora
         from redifine_core.paths import check_output_dir
-        from redifine_core.report import plot_losses
+        from redifine_core.report_images import plot_losses
         from redifine_core.training import TrainConfig, finetune_lora
 
         from .common import pils_to_tensor

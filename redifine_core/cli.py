@@ -293,7 +293,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
             prog = i / (args.steps - 1) if args.steps > 1 else 0.0
             print(f"{i:>5}  {prog:>8.3f}  {v:>8.4f}")
     if args.plot:
-        from .report import plot_schedule
+        from .report_images import plot_schedule
 
         plot_schedule([args.spec], args.steps, args.plot, iteration=args.iteration)
         print(f"plot: {args.plot}", file=sys.stderr if args.json else sys.stdout)

@@ -208,7 +208,7 @@ def test_no_needs_intervals_that_exclude_a_flaggable_change():
 
 
 def test_grid_shows_d0_then_each_method_at_its_first_and_last_iteration(tmp_path):
-    from redifine_core.report import PAD, ROW_LABEL_W
+    from redifine_core.report_images import PAD, ROW_LABEL_W
     from redifine_core.toy.science import grid
 
     images = _small_run(tmp_path)
