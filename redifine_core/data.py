@@ -1,6 +1,6 @@
 """Captioned image sets: a folder of images + same-name .txt captions (kohya), or images/tensors + a caption list.
 
-CONTRACT (filled in by issue 2):
+The API:
 
     @dataclass(frozen=True)
     class CaptionedImages:

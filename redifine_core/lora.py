@@ -1,6 +1,6 @@
 """LoRA files: save/load kohya and diffusers layouts with alpha per module and ss_* metadata.
 
-CONTRACT (filled in by issue 2):
+The API:
 
     @dataclass
     class LoraWeights:

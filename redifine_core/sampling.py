@@ -1,6 +1,6 @@
 """The denoising loop: per-step guidance scale, one batched UNet forward for [uncond, cond], no uncond pass where w == 1.
 
-CONTRACT (filled in by issue 2):
+The API:
 
     SAMPLERS: tuple[str, ...]  # at least "ddim", "euler", "euler_a", "dpmpp_2m", "pndm"
 
