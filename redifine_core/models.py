@@ -1,6 +1,6 @@
 """Load a text-to-image pipeline offline: a diffusers folder, a single-file SD1.x/SD2.x/SDXL checkpoint, or the toy model.
 
-CONTRACT (filled in by issue 2):
+The API:
 
     @dataclass
     class Pipeline:
@@ -25,7 +25,7 @@ CONTRACT (filled in by issue 2):
     def load_pipeline(source: str | os.PathLike, device=None, dtype=None, tokenizer_dir=None) -> Pipeline
     def default_device() -> torch.device      # cuda if available else cpu
 
-Additions beyond the contract: ``load_pipeline(..., config_dir=None, prediction_type=None)``,
+Also: ``load_pipeline(..., config_dir=None, prediction_type=None)``,
 ``Pipeline.force_zeros_for_empty_prompt`` (SDXL), ``Pipeline.to_diffusers()``, ``resolve_device``, ``resolve_dtype``,
 ``TOY_MODEL_DIR`` and ``CONFIG_ROOT``; ``detect_architecture`` and ``checkpoint_shapes`` come from
 :mod:`redifine_core.single_file`, which loads single files (layout detection, configs, tokenizers, bounded memory).
@@ -46,7 +46,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .single_file import CONFIG_ROOT, PACKAGE_DIR, checkpoint_shapes, detect_architecture, load_single_file
+from .single_file import CONFIG_ROOT, PACKAGE_DIR, checkpoint_shapes, detect_architecture, single_file_components
 from .vae import cast_inputs_to_weights, vae_dtype
 
 PathLike = Union[str, os.PathLike]
@@ -301,7 +301,7 @@ def load_pipeline(
                 )
             pipe = _load_diffusers_folder(path, kind=None, source=str(path), dtype=dtype)
         else:
-            pipe = load_single_file(path, dtype, device, tokenizer_dir, config_dir, prediction_type)
+            pipe = Pipeline(**single_file_components(path, dtype, device, tokenizer_dir, config_dir, prediction_type))
     if prediction_type is not None and pipe.prediction_type != prediction_type:
         pipe.scheduler = _rebuild_scheduler(pipe.scheduler, prediction_type=prediction_type)
     return pipe.to(device, dtype)

@@ -222,21 +222,21 @@ def read_json(path: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
 
 
-def load_single_file(
+def single_file_components(
     path: Path,
     dtype: torch.dtype,
     device: torch.device,
     tokenizer_dir: Optional[PathLike] = None,
     config_dir: Optional[PathLike] = None,
     prediction_type: Optional[str] = None,
-) -> Any:
-    """An original-layout .safetensors file as a ``models.Pipeline`` on ``device`` in ``dtype`` (see the docstring).
+) -> dict[str, Any]:
+    """An original-layout .safetensors file as the fields of a ``models.Pipeline`` (``Pipeline(**fields)``), on
+    ``device`` in ``dtype`` (see the module docstring). ``models.load_pipeline`` builds the Pipeline, so this module
+    does not depend on it.
 
     The VAE is kept in float32 when ``dtype`` is float16 and its config sets ``force_upcast``.
     """
     import transformers
-
-    from .models import Pipeline
 
     path = Path(path)
     _reject_pickle(path)
@@ -279,7 +279,7 @@ def load_single_file(
             for _, class_name, prefix, config in encoders]
     vae = _vae_from_file(st, vae_config, vae_dtype, path).to(device)
     unet = _unet_from_file(st, unet_config, dtype, path).to(device)
-    return Pipeline(
+    return dict(
         unet=unet, vae=vae, text_encoder=text[0], tokenizer=tokenizers[0], scheduler=scheduler, kind=kind,
         source=str(path), text_encoder_2=text[1] if len(text) > 1 else None,
         tokenizer_2=tokenizers[1] if len(tokenizers) > 1 else None, device=device, dtype=dtype,

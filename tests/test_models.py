@@ -411,7 +411,7 @@ def test_resolve_device_says_what_to_do(monkeypatch):
 def test_load_pipeline_checks_device_and_precision_before_reading(sd1_file, monkeypatch):
     path, config = sd1_file
     read = []
-    monkeypatch.setattr(models, "load_single_file", lambda *a, **k: read.append(a))
+    monkeypatch.setattr(models, "single_file_components", lambda *a, **k: read.append(a))
     with pytest.raises(ValueError, match="3000x"):
         load_pipeline(path, device="cpu", dtype="fp16", config_dir=config)
     with pytest.raises(ValueError, match="device='cuda'"):

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from redifine_core.single_file import SafetensorsFile, checkpoint_shapes, load_single_file
+from redifine_core.models import Pipeline
+from redifine_core.single_file import SafetensorsFile, checkpoint_shapes, single_file_components
 
 from sd_single_file import sd1_to_original, sdxl_to_original
 
@@ -111,7 +112,7 @@ def test_fp16_file_loads_straight_into_each_target_dtype_without_safetensors_mma
     monkeypatch.setattr(safetensors.torch, "load_file", refuse)
     monkeypatch.setattr(safetensors.torch, "safe_open", refuse, raising=False)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        pipe = load_single_file(path, dtype, torch.device("cpu"), config_dir=config)
+        pipe = Pipeline(**single_file_components(path, dtype, torch.device("cpu"), config_dir=config))
         assert pipe.dtype == dtype and pipe.kind == "sdxl"
         vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # the tiny VAE sets force_upcast
         for ours, ref, want in ((pipe.unet, tiny_sdxl.unet, dtype), (pipe.text_encoder_2, tiny_sdxl.text_encoder_2, dtype),
@@ -125,7 +126,7 @@ def test_fp16_file_loads_straight_into_each_target_dtype_without_safetensors_mma
 
 def test_sd1_file_in_bf16_keeps_every_weight(tiny_sd, tmp_path):
     path, config = _file_and_config(tiny_sd, tmp_path, sd1_to_original, dtype=torch.bfloat16)
-    pipe = load_single_file(path, torch.bfloat16, torch.device("cpu"), config_dir=config)
+    pipe = Pipeline(**single_file_components(path, torch.bfloat16, torch.device("cpu"), config_dir=config))
     for ours, ref in ((pipe.unet, tiny_sd.unet), (pipe.vae, tiny_sd.vae), (pipe.text_encoder, tiny_sd.text_encoder)):
         for k, v in ref.state_dict().items():
             if v.is_floating_point():
