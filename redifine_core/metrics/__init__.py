@@ -32,13 +32,12 @@ from .features import (
     check_features,
     feature_set_name,
     fid_from_features,
-    get_feature_extractor,
     handcrafted_features,
     handcrafted_features_one,
     kid_from_features,
     mean_pairwise_distance,
 )
-from .inception import InceptionFeatures
+from .inception import InceptionFeatures, get_feature_extractor
 from .statistics import (
     CLIP_HIGH,
     CLIP_LOW,

@@ -3,7 +3,8 @@
 A *features spec* names the feature set: "auto" (the Inception-v3 file named by $REDIFINE_INCEPTION_WEIGHTS when it
 is set, else handcrafted-v1), "handcrafted" / "handcrafted-v1", "inception:<file.safetensors>", a path to a local
 Inception-v3 .safetensors file, or a FeatureExtractor instance. ``check_features`` validates a spec from the file's
-safetensors header alone, so a config can be rejected before any model loads; ``get_feature_extractor`` builds it.
+safetensors header alone, so a config can be rejected before any model loads; ``inception.get_feature_extractor``
+builds it.
 """
 
 from __future__ import annotations
@@ -328,18 +329,3 @@ def feature_set_name(spec: FeatureSpec) -> str:
 
 def _inception_name(path: Path, fid_layout: bool) -> str:
     return f"inception-v3{'-fid' if fid_layout else ''}:{path.name}"
-
-
-def get_feature_extractor(features: FeatureSpec = "auto") -> FeatureExtractor:
-    """Resolve ``features``: "auto", "handcrafted", "inception:<path>", a path to a .safetensors file, or an extractor.
-
-    "auto" uses the Inception weights named by $REDIFINE_INCEPTION_WEIGHTS when it is set, else handcrafted-v1.
-    """
-    if isinstance(features, FeatureExtractor):
-        return features
-    path, label = _weights_path(features)
-    if path is None:
-        return FeatureExtractor()
-    from .inception import InceptionFeatures
-
-    return InceptionFeatures(path, label=label)

@@ -1,4 +1,5 @@
-"""Inception-v3 pool3 features from a local safetensors file (torchvision's or the FID Inception), for FID/KID.
+"""Inception-v3 pool3 features from a local safetensors file (torchvision's or the FID Inception), for FID/KID, and
+``get_feature_extractor``, which turns a features spec into the extractor it names (Inception or handcrafted-v1).
 
 Loaded only when a features spec names such a file; the file is validated first (header only) by
 ``features.check_features``'s checks, so a bad file fails before its weights are read.
@@ -13,7 +14,7 @@ from typing import Optional, Union
 import numpy as np
 
 from ..progress import CancelFlag, check_cancel
-from .features import FeatureExtractor, _check_weights, _inception_name, _spec_label
+from .features import FeatureExtractor, FeatureSpec, _check_weights, _inception_name, _spec_label, _weights_path
 from .statistics import ImagesLike, as_image_array
 
 
@@ -129,3 +130,16 @@ def _build_inception(num_classes: int, fid_layout: bool):  # pragma: no cover - 
     model.Mixed_7b = FIDInceptionE(1280, max_pool=False)
     model.Mixed_7c = FIDInceptionE(2048, max_pool=True)
     return model
+
+
+def get_feature_extractor(features: FeatureSpec = "auto") -> FeatureExtractor:
+    """Resolve ``features``: "auto", "handcrafted", "inception:<path>", a path to a .safetensors file, or an extractor.
+
+    "auto" uses the Inception weights named by $REDIFINE_INCEPTION_WEIGHTS when it is set, else handcrafted-v1.
+    """
+    if isinstance(features, FeatureExtractor):
+        return features
+    path, label = _weights_path(features)
+    if path is None:
+        return FeatureExtractor()
+    return InceptionFeatures(path, label=label)

@@ -30,11 +30,11 @@ from .features import (
     FeatureSpec,
     feature_set_name,
     fid_from_features,
-    get_feature_extractor,
     handcrafted_features_one,
     kid_from_features,
     mean_pairwise_distance,
 )
+from .inception import get_feature_extractor
 from .statistics import (
     CLIP_HIGH,
     CLIP_LOW,
