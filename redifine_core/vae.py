@@ -113,7 +113,7 @@ def _tiling(vae: Any) -> Iterator[None]:
 
 @contextmanager
 def _half_tiles(vae: Any) -> Iterator[None]:
-    """:func:`_tiling` with tiles of half the VAE's native size (diffusers' AutoencoderKL tile attributes), for the call."""
+    """:func:`_tiling` with tiles of half the VAE's native size (AutoencoderKL's tile attributes), for the call."""
     names = ("tile_sample_min_size", "tile_latent_min_size")
     if not all(hasattr(vae, n) for n in names):
         raise RuntimeError(f"{type(vae).__name__} has no tile size to lower")

@@ -388,7 +388,7 @@ def plot(summary, reference: dict[str, float] | None, path: str | Path,
 
 
 def grid(run_dir: str | Path, path: str | Path, seed: int = 0, n: int = 12, scale: int = 2) -> Path:
-    """A PNG of image rows (``report_images.image_grid``): D0's first ``n`` images, then each method's iteration 0 and last
+    """A PNG of image rows (``image_grid``): D0's first ``n`` images, then each method's iteration 0 and last
     finished iteration for ``seed`` (the same captions in every column), each row labelled on the left; pixels are
     enlarged ``scale`` times, nearest-neighbour."""
     from ..atomic import save_png

@@ -1,11 +1,12 @@
 """Train the toy text-to-image model from scratch: ``python -m redifine_core.toy.train [--out DIR] [--minutes M]``.
 
-Seeded and CPU-only. Phase 1 trains the 2x VAE on reconstruction, then its decoder alone on the encoder's mean
-latents; phase 2 caches the training set's latents and
-trains the conditional UNet and the text encoder together (epsilon prediction, caption dropout so classifier-free
-guidance works, EMA weights kept and shipped). A checkpoint is written every ``--checkpoint-every`` steps (safetensors +
-JSON, with optimizer and RNG state) and a rerun resumes from it. The finished model is written as a Stable Diffusion
-1.x-layout diffusers folder into a temp folder beside ``--out`` and renamed into place.
+Seeded; on the CPU by default, ``--device cuda`` runs the same recipe (random numbers are drawn on the CPU either
+way). Phase 1 trains the 2x VAE on reconstruction, then its decoder alone on the encoder's mean latents; phase 2
+caches the training set's latents and trains the conditional UNet and the text encoder together (epsilon prediction,
+caption dropout so classifier-free guidance works, EMA weights kept and shipped). A checkpoint is written every
+``--checkpoint-every`` steps (safetensors + JSON, with optimizer and RNG state) and a rerun resumes from it. The
+finished model is written as a Stable Diffusion 1.x-layout diffusers folder into a temp folder beside ``--out`` and
+renamed into place.
 """
 
 from __future__ import annotations
