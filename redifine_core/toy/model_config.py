@@ -1,11 +1,14 @@
-"""Architectures of the toy text-to-image model: a 2x VAE, a small CLIP text encoder, a small conditional UNet.
+"""Architectures of the toy text-to-image models: a small VAE, a small CLIP text encoder, a small conditional UNet.
 
-All three are standard diffusers / transformers classes, so the toy model is an ordinary Stable Diffusion 1.x-layout
-diffusers folder and loads through the same code path as a real checkpoint.
+All three are standard diffusers / transformers classes, so a toy model is an ordinary Stable Diffusion 1.x-layout
+diffusers folder and loads through the same code path as a real checkpoint. Two architectures: ``shapes`` (32 px, a
+2x VAE; the shipped ``toy`` model) and ``bed`` (64 px, a 4x VAE, the same 16 x 16 latent and UNet; the model of the
+texture and patterned-shape sets).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 IMAGE_SIZE = 32
@@ -64,20 +67,54 @@ SCHEDULER_CONFIG: dict[str, Any] = dict(
 )
 
 
-def build_vae(seed: int = 0):
+
+@dataclass(frozen=True)
+class ToyArchitecture:
+    """One toy model's shapes: image size, VAE factor, the VAE and UNet configs, the tokenizer's words and length."""
+
+    name: str
+    image_size: int
+    vae_factor: int
+    vae: dict
+    unet: dict
+    vocabulary: tuple[str, ...]
+    token_length: int = TOKEN_LENGTH
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.vae_factor
+
+
+def _architectures() -> dict[str, ToyArchitecture]:
+    from .dataset import VOCABULARY
+    from .textures import PATTERNED_SHAPES_VOCABULARY, TEXTURE_VOCABULARY
+
+    bed_vae = dict(VAE_CONFIG, down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+                   block_out_channels=[16, 32, 64], sample_size=64)
+    bed_words = tuple(dict.fromkeys(VOCABULARY + TEXTURE_VOCABULARY + PATTERNED_SHAPES_VOCABULARY))
+    return {
+        "shapes": ToyArchitecture("shapes", IMAGE_SIZE, VAE_FACTOR, VAE_CONFIG, UNET_CONFIG, VOCABULARY),
+        "bed": ToyArchitecture("bed", 64, 4, bed_vae, dict(UNET_CONFIG, sample_size=16), bed_words),
+    }
+
+
+ARCHITECTURES: dict[str, ToyArchitecture] = _architectures()
+
+
+def build_vae(seed: int = 0, arch: str = "shapes"):
     import torch
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(**VAE_CONFIG)
+    return AutoencoderKL(**ARCHITECTURES[arch].vae)
 
 
-def build_unet(seed: int = 0):
+def build_unet(seed: int = 0, arch: str = "shapes"):
     import torch
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(**UNET_CONFIG)
+    return UNet2DConditionModel(**ARCHITECTURES[arch].unet)
 
 
 def build_text_encoder(tokenizer, seed: int = 0):
@@ -95,14 +132,14 @@ def build_text_encoder(tokenizer, seed: int = 0):
     return CLIPTextModel(cfg)
 
 
-def build_tokenizer(folder):
-    """Write the toy word-level tokenizer into ``folder`` and load it."""
+def build_tokenizer(folder, arch: str = "shapes"):
+    """Write the toy word-level tokenizer of ``arch`` into ``folder`` and load it."""
     from transformers import CLIPTokenizer
 
-    from .dataset import VOCABULARY
     from .word_tokenizer import write_word_tokenizer
 
-    write_word_tokenizer(VOCABULARY, folder, max_length=TOKEN_LENGTH)
+    a = ARCHITECTURES[arch]
+    write_word_tokenizer(a.vocabulary, folder, max_length=a.token_length)
     return CLIPTokenizer.from_pretrained(str(folder))
 
 
