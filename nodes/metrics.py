@@ -38,7 +38,8 @@ class ReDiFineCollapseMetrics:
     RETURN_NAMES = ("metrics", "verdict")
     OUTPUT_TOOLTIPS = ("A text table of every metric for both sets and the relative change.",
                        "The verdict ('stable', 'drifting to blur', 'drifting to over-guidance', 'drifting from the "
-                       "data' or 'inconclusive') with its reasons; fewer than 16 images per set read 'inconclusive'.")
+                       "data' or 'inconclusive') with its reasons, each change with its 95 % bootstrap "
+                       "interval; a change inside the noise or fewer than 16 images per set read 'inconclusive'.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -51,7 +52,7 @@ class ReDiFineCollapseMetrics:
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def measure(self, reference, generated, features, unique_id=None):
-        from redifine_core.metrics import SetSummary, get_feature_extractor, set_metrics, verdict
+        from redifine_core.metrics import SetSummary, change_intervals, get_feature_extractor, set_metrics, verdict
 
         for name, batch in (("reference", reference), ("generated", generated)):
             if int(batch.shape[0]) < 2:
@@ -60,10 +61,12 @@ class ReDiFineCollapseMetrics:
         with comfy_cancellation():
             extractor = get_feature_extractor(feats)  # Inception weights (if any) load once
             ref_set = SetSummary.from_images(reference, features=extractor, cancel=ComfyCancel())
+            gen_set = SetSummary.from_images(generated, features=extractor, cancel=ComfyCancel())
             ref = set_metrics(ref_set, ref_set, features=extractor, cancel=ComfyCancel())
-            gen = set_metrics(generated, ref_set, features=extractor, progress=ProgressAdapter(unique_id),
+            gen = set_metrics(gen_set, ref_set, features=extractor, progress=ProgressAdapter(unique_id),
                               cancel=ComfyCancel())
-        v = verdict(gen, ref, n_images=min(int(reference.shape[0]), int(generated.shape[0])))
+        intervals = change_intervals(gen_set, ref_set)  # each change's 95 % interval: its signs quote it
+        v = verdict({**gen, **intervals}, ref, n_images=min(int(reference.shape[0]), int(generated.shape[0])))
         table = metrics_table(ref, gen)
         text = v.label + "".join(f"\n- {r}" for r in v.reasons)
         return {"ui": {"text": [table + "\n\nverdict: " + text]}, "result": (table, text)}

@@ -5,20 +5,24 @@
 
 The sentences say, for each method, where its images went over the rounds (towards blur, towards over-guidance, away
 from the user's images, or nowhere) with the run's own numbers: the change of the image statistics from round 0 (means
-over seeds), the round the verdict first flagged it, and FID against the user's images. Nothing is templated beyond
-the wording: change a metric in a run and the sentence changes. The report opens with it; the Chain node outputs it.
+over seeds), the round the verdict first flagged it, and FID against the user's images, each change with its 95 %
+interval (across seeds when the run has several, else the bootstrap over the images stored with the metrics). Nothing
+is templated beyond the wording: change a metric in a run and the sentence changes. The report opens with it; the
+Chain node outputs it.
 """
 
 from __future__ import annotations
 
 import html
 import math
+import statistics
 from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from .chain.run_folder import RunData, RunFolder
+from .chain.run_folder import IterationRecord, RunData, RunFolder
 from .guidance import parse_schedule
+from .metrics.intervals import INTERVAL_LEVEL, read_interval
 from .metrics.verdict import (BLUR, CLIPPED_RISE, COLOURFULNESS_RISE, DRIFT, INCONCLUSIVE, OVER, SATURATION_RISE,
                               SHARP_RISE, SLOPE_STEEPER, STABLE, VERDICTS)
 
@@ -77,12 +81,42 @@ def _mean(values: Sequence[float]) -> Optional[float]:
     return sum(vals) / len(vals) if vals else None
 
 
-def _change(name: str, a: float, b: float) -> str:
+def _change(name: str, a: float, b: float, ci: Optional[tuple[float, float]] = None) -> str:
+    """A statistic's change from round 0 (``a``) to the last round (``b``), with its interval ``ci`` when known (in
+    the change's own units: relative, or absolute for the spectral slope and the clipped fraction)."""
     if name == "spectral_slope":
-        return f"{STAT_NAMES[name]} {b - a:+.2f} ({'steeper' if b < a else 'flatter'})"
+        interval = "" if ci is None else f" [{ci[0]:+.2f}, {ci[1]:+.2f}]"
+        return f"{STAT_NAMES[name]} {b - a:+.2f}{interval} ({'steeper' if b < a else 'flatter'})"
     if name == "clipped_fraction":
-        return f"{STAT_NAMES[name]} {a:.2%} -> {b:.2%}"
-    return f"{STAT_NAMES[name]} {(b - a) / max(abs(a), 1e-12):+.0%}"
+        interval = "" if ci is None else f" ({(b - a) * 100:+.1f} [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}] points)"
+        return f"{STAT_NAMES[name]} {a:.2%} -> {b:.2%}{interval}"
+    return f"{STAT_NAMES[name]} {(b - a) / max(abs(a), 1e-12):+.0%}{_pct_interval(ci)}"
+
+
+def _pct_interval(ci: Optional[tuple[float, float]]) -> str:
+    return "" if ci is None else f" [{ci[0]:+.0%}, {ci[1]:+.0%}]"
+
+
+def _interval(name: str, first: dict[int, IterationRecord], last: dict[int, IterationRecord],
+              seeds: Sequence[int]) -> Optional[tuple[float, float]]:
+    """The interval of ``name``'s change from round 0 to the last round: with several seeds a t interval across the
+    seeds' own changes, with one the bootstrap interval recorded with its metrics (intervals.change_intervals)."""
+    if len(seeds) == 1:
+        return read_interval(last[seeds[0]].metrics, name)
+    changes = []
+    for s in seeds:
+        a, b = first[s].metrics.get(name), last[s].metrics.get(name)
+        if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in (a, b)):
+            return None
+        changes.append(b - a if name in _ABSOLUTE else (b - a) / max(abs(a), 1e-12))
+    if len(changes) < 2:
+        return None
+    from scipy import stats
+
+    mean = sum(changes) / len(changes)
+    half = float(stats.t.ppf(0.5 + INTERVAL_LEVEL / 2, len(changes) - 1)) * statistics.stdev(changes) / math.sqrt(
+        len(changes))
+    return mean - half, mean + half
 
 
 def _units(name: str, a: float, b: float) -> float:
@@ -107,6 +141,9 @@ def _method_sentence(data: RunData, method: str, spec: dict) -> tuple[str, Optio
     seeds = sorted({r.seed for r in at[last]} & {r.seed for r in at[0]})
     mean = {i: {k: _mean([r.metrics.get(k) for r in at[i] if r.seed in seeds]) for k in STAT_NAMES}
             for i in (0, last)}
+    first_rec = {r.seed: r for r in at[0] if r.seed in seeds}
+    last_rec = {r.seed: r for r in at[last] if r.seed in seeds}
+    ci = lambda k: _interval(k, first_rec, last_rec, seeds) if seeds and last > 0 else None  # noqa: E731
     fid0 = _mean([r.metrics.get("fid_ref") for r in at[0] if r.seed in seeds])
     fid = _mean([r.metrics.get("fid_ref") for r in at[last] if r.seed in seeds])
     labels = [str((r.verdict or {}).get("label", "")) for r in at[last]]
@@ -119,7 +156,7 @@ def _method_sentence(data: RunData, method: str, spec: dict) -> tuple[str, Optio
     top = max((k for k in moves if moves[k] is not None), key=lambda k: abs(moves[k]), default=None)
     biggest = None if top is None else abs(moves[top])
     fid_text = "" if fid is None or fid0 is None else (
-        f"FID against your images {fid0:.3g} -> {fid:.3g} ({_rel(fid0, fid):+.0%})")
+        f"FID against your images {fid0:.3g} -> {fid:.3g} ({_rel(fid0, fid):+.0%}{_pct_interval(ci('fid_ref'))})")
     if last == 0:
         return f"{name}: only round 0 has finished{'; ' + fid_text if fid_text else ''}.", fid, biggest
     first = min((r.iteration for r in done if (r.verdict or {}).get("label") == label), default=last)
@@ -129,11 +166,12 @@ def _method_sentence(data: RunData, method: str, spec: dict) -> tuple[str, Optio
         stats = sorted((k for k in stats if sign * (mean[last][k] - mean[0][k])
                         > NOTICEABLE * (_ABSOLUTE[k] if k in _ABSOLUTE else abs(mean[0][k]))),
                        key=lambda k: -_units(k, mean[0][k], mean[last][k]))
-        details = ", ".join(_change(k, mean[0][k], mean[last][k]) for k in stats[:3])
+        details = ", ".join(_change(k, mean[0][k], mean[last][k], ci(k)) for k in stats[:3])
         text = (f"{name} {_WHAT[label]}{seeds_note} by round {last}: {details}; first flagged in round {first}"
                 + (f"; {fid_text}" if fid_text else "") + ".")
     elif label == DRIFT:
-        moved = "" if top is None else f" (largest change in its image statistics: {STAT_NAMES[top]} {moves[top]:+.0%})"
+        moved = "" if top is None else (f" (largest change in its image statistics: {STAT_NAMES[top]} "
+                                        f"{moves[top]:+.0%}{_pct_interval(ci(top))})")
         text = (f"{name} {_WHAT[label]}{seeds_note}: {fid_text or 'FID against your images rose'} by round "
                 f"{last}, first flagged in round {first}{moved}.")
     elif label == INCONCLUSIVE:
@@ -141,7 +179,8 @@ def _method_sentence(data: RunData, method: str, spec: dict) -> tuple[str, Optio
         why = reasons[0] if reasons else "no reason recorded"
         text = f"{name} gave no clear reading at round {last}{seeds_note}: {why}."
     elif label == STABLE:
-        largest = f" (largest change: {STAT_NAMES[top]} {moves[top]:+.0%})" if top is not None else ""
+        largest = (f" (largest change: {STAT_NAMES[top]} {moves[top]:+.0%}{_pct_interval(ci(top))})"
+                   if top is not None else "")
         text = (f"{name} showed no clear drift by round {last}{seeds_note}{largest}"
                 + (f"; {fid_text}" if fid_text else "") + ".")
     else:
@@ -162,7 +201,10 @@ def plain_answer(run: Union[str, Path, RunData]) -> str:
     n = ds.get("n") * per_caption if isinstance(ds.get("n"), int) and isinstance(per_caption, int) else None
     bits = [f"{n} images a round"] if n else []
     if len(data.seeds) > 1:
-        bits.append(f"{len(data.seeds)} seeds, numbers are means over seeds")
+        bits.append(f"{len(data.seeds)} seeds, numbers are means over seeds, [intervals] {INTERVAL_LEVEL:.0%} "
+                    "across seeds")
+    else:
+        bits.append(f"[intervals] {INTERVAL_LEVEL:.0%}, bootstrap over the images")
     lines = [f"Over {rounds} round{'s' if rounds != 1 else ''} of training on its own images"
              + (f" ({'; '.join(bits)})" if bits else "")
              + ", round 0 being the model finetuned on your images:"]

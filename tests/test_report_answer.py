@@ -70,7 +70,8 @@ def test_changing_a_metric_changes_the_sentence(run_dir, tmp_path):
         d["verdict"] = {"label": "stable", "reasons": ["all metrics within thresholds of iteration 0"]}
         p.write_text(json.dumps(d))
     stable = next(l for l in plain_answer(root).splitlines() if l.startswith("baseline-w9"))
-    assert "showed no clear drift by round 2 (largest change: saturation +217%)" in stable
+    assert re.search(r"showed no clear drift by round 2 \(largest change: saturation \+217% \[[+-]\d+%, [+-]\d+%\]\)",
+                     stable), stable
 
 
 def test_report_opens_with_the_answer_and_writes_reasons_out(run_dir):
@@ -145,4 +146,41 @@ def test_drift_sentence_names_its_largest_change_and_what_the_other_seeds_read(r
     top = max(moves, key=lambda k: abs(moves[k]))
     assert "drifted away from your images without blurring or over-guiding in 1 of 2 seeds " \
            "(1 seed: drifting to over-guidance)" in line, line
-    assert f"(largest change in its image statistics: {names[top]} {moves[top]:+.0%})" in line, line
+    assert f"(largest change in its image statistics: {names[top]} {moves[top]:+.0%} [" in line, line
+
+
+def test_each_quoted_change_carries_its_interval_across_seeds(run_dir):
+    """Two seeds: a t interval (95 %, 1 degree of freedom) of the seeds' own changes from round 0."""
+    from scipy import stats
+
+    w9 = next(l for l in plain_answer(run_dir).splitlines() if l.startswith("baseline-w9"))
+    last = ITERATIONS - 1
+    changes = []
+    for p0, p in zip(_metrics_files(run_dir, "baseline-w9", 0), _metrics_files(run_dir, "baseline-w9", last)):
+        a, b = (json.loads(x.read_text())["metrics"]["saturation"] for x in (p0, p))
+        changes.append(b / a - 1)
+    mean, half = sum(changes) / 2, stats.t.ppf(0.975, 1) * abs(changes[0] - changes[1]) / 2
+    assert f"saturation {_mean(run_dir, 'baseline-w9', last, 'saturation') / _mean(run_dir, 'baseline-w9', 0, 'saturation') - 1:+.0%} " \
+           f"[{mean - half:+.0%}, {mean + half:+.0%}]" in w9, w9
+    assert "[intervals] 95% across seeds" in plain_answer(run_dir).splitlines()[0]
+
+
+def test_one_seed_quotes_the_bootstrap_interval_stored_with_its_metrics(run_dir, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(run_dir, root)
+    run = json.loads((root / "run.json").read_text())
+    run["seeds"] = [SEEDS[0]]
+    (root / "run.json").write_text(json.dumps(run))
+    for s in SEEDS[1:]:
+        for m in ("baseline-w1", "baseline-w9"):
+            shutil.rmtree(root / m / f"seed_{s}")
+    p = _metrics_files(root, "baseline-w9", ITERATIONS - 1)[0]
+    d = json.loads(p.read_text())
+    d["metrics"].update(saturation_change_lo=0.52, saturation_change_hi=1.1, fid_ref_change_lo=-0.2,
+                        fid_ref_change_hi=0.9)
+    p.write_text(json.dumps(d))
+    text = plain_answer(root)
+    w9 = next(l for l in text.splitlines() if l.startswith("baseline-w9"))
+    assert re.search(r"saturation [+-]\d+% \[\+52%, \+110%\]", w9), w9
+    assert re.search(r"FID against your images \S+ -> \S+ \([+-]\d+% \[-20%, \+90%\]\)", w9), w9
+    assert "[intervals] 95%, bootstrap over the images" in text.splitlines()[0]

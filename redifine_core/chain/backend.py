@@ -34,6 +34,7 @@ class ChainBackend:
     summary_from_pngs: Callable[..., Any]
     feature_extractor: Callable[[Any], Any] = lambda spec: spec
     generate_batches: Optional[Callable[..., Iterator[tuple[Sequence[int], Any]]]] = None
+    change_intervals: Optional[Callable[..., dict]] = None  # (summary_i, summary_0, reference) -> interval keys
 
 
 def default_backend() -> ChainBackend:
@@ -60,4 +61,5 @@ def default_backend() -> ChainBackend:
         summary_from_pngs=metrics.SetSummary.from_pngs,
         feature_extractor=metrics.get_feature_extractor,
         generate_batches=getattr(sampling, "generate_batches", None),
+        change_intervals=metrics.change_intervals,
     )

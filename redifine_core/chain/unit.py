@@ -302,6 +302,9 @@ def _measure(run: _Run, unit: Unit, generated: Any) -> dict:
     features = str(raw.get("features", config.features))
     metrics = _floats(raw)
     metrics["n_images"] = float(len(generated))  # the verdict reads small sets as inconclusive
+    if i > 0 and run.backend.change_intervals is not None:  # each change's interval from the images themselves
+        first = previous if i == 1 else _summary_of(run, folder.iteration_images(m, S, 0))
+        metrics.update(_floats(run.backend.change_intervals(generated, first, run.reference_summary)))
     base = metrics if i == 0 else folder.read_metrics(m, S, 0)["metrics"]
     v = run.backend.verdict(metrics, base)
     record = {

@@ -5,6 +5,7 @@
     inception    Inception-v3 features from a local safetensors file
     clip         CLIP score with a local CLIP folder
     summary      SetSummary (a set's statistics and features, gathered batch by batch), image_statistics, set_metrics
+    intervals    bootstrap intervals of each change the verdict reads (over the images of both sets)
     verdict      Verdict, the labels and their thresholds
 
 Every definition, its direction under each collapse mode and the thresholds are documented in docs/metrics.md.
@@ -38,6 +39,7 @@ from .features import (
     mean_pairwise_distance,
 )
 from .inception import InceptionFeatures, get_feature_extractor
+from .intervals import INTERVAL_LEVEL, RESAMPLES, change_intervals, interval_keys, read_interval
 from .statistics import (
     CLIP_HIGH,
     CLIP_LOW,
@@ -75,7 +77,8 @@ from .verdict import (
 __all__ = [
     "BLUR_DROP", "CLIPPED_RISE", "CLIP_HIGH", "CLIP_LOW", "CLIP_MEAN", "CLIP_STD", "COLOURFULNESS_RISE", "COLOUR_BINS",
     "ClipScorer", "FEATURES_HANDCRAFTED", "FeatureExtractor", "FeatureSpec", "FeaturesDependencyError",
-    "FeaturesFileNotFoundError", "HF_CUTOFF", "INCEPTION_ENV", "INCEPTION_KEYS", "ImagesLike", "InceptionFeatures",
+    "FeaturesFileNotFoundError", "HF_CUTOFF", "INTERVAL_LEVEL", "RESAMPLES", "change_intervals", "interval_keys",
+    "read_interval", "INCEPTION_ENV", "INCEPTION_KEYS", "ImagesLike", "InceptionFeatures",
     "KID_SEED", "KID_SUBSETS", "KID_SUBSET_SIZE", "LUMA", "MIN_SIDE", "MIN_SIGNS", "OCTAVE_EDGES", "ORIENTATION_BINS",
     "PAIRWISE_BLOCK", "PER_IMAGE", "SATURATION_BINS", "SATURATION_RISE", "SHARP_RISE", "SLOPE_FLATTER",
     "SLOPE_MIN_BIN", "SLOPE_STEEPER", "SetSummary", "THUMBNAIL", "VERDICTS", "Verdict", "as_image_array",

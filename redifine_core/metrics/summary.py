@@ -68,6 +68,8 @@ class SetSummary:
         self._per: dict[str, list[float]] = {k: [] for k in PER_IMAGE}
         self._clipped = 0
         self._n_pix = 0
+        self._clipped_per: list[int] = []  # clipped channel values of each image (for the bootstrap of intervals)
+        self._values_per: list[int] = []  # channel values of each image (3 x its pixels)
         self._csum = np.zeros(3)
         self._csq = np.zeros(3)
         self._handcrafted: list[np.ndarray] = []  # one [b, 135] array per batch
@@ -91,6 +93,7 @@ class SetSummary:
         # accumulate into copies in image order, so any batching sums exactly as one whole-set pass would
         per = {k: list(v) for k, v in self._per.items()}
         clipped, csum, csq = self._clipped, self._csum.copy(), self._csq.copy()
+        clipped_per, values_per = list(self._clipped_per), list(self._values_per)
         rows = []
         for img in arr:
             check_cancel(cancel)
@@ -100,7 +103,9 @@ class SetSummary:
             sat = saturation_map(img64)
             for k, v in per_image_statistics(img64, lum, p, sat).items():
                 per[k].append(v)
-            clipped += int(np.count_nonzero((img <= CLIP_LOW) | (img >= CLIP_HIGH)))
+            clipped_per.append(int(np.count_nonzero((img <= CLIP_LOW) | (img >= CLIP_HIGH))))
+            values_per.append(int(img.size))
+            clipped += clipped_per[-1]
             flat = img64.reshape(-1, 3)
             csum += flat.sum(axis=0)
             csq += np.einsum("ij,ij->j", flat, flat)
@@ -114,6 +119,7 @@ class SetSummary:
         scores = self.clip.scores(arr, list(captions or []), cancel=cancel) if self.clip is not None else None
         # commit
         self._per, self._clipped, self._csum, self._csq = per, clipped, csum, csq
+        self._clipped_per, self._values_per = clipped_per, values_per
         self._n_pix += arr.shape[0] * arr.shape[1] * arr.shape[2]
         self._n += arr.shape[0]
         self._handcrafted.append(np.stack(rows))
@@ -203,6 +209,15 @@ class SetSummary:
         """Rows of this summary's feature set [N, D] (handcrafted-v1 or the external extractor's), float64."""
         self._require_images()
         return np.concatenate(self._external) if self._external else np.concatenate(self._handcrafted)
+
+    def per_image(self) -> dict[str, np.ndarray]:
+        """Each image's value of every PER_IMAGE statistic, plus "clipped" (its clipped channel values) and
+        "values" (its channel values, 3 x pixels), so clipped_fraction = sum(clipped) / sum(values): arrays [N]."""
+        self._require_images()
+        out = {k: np.asarray(v, dtype=np.float64) for k, v in self._per.items()}
+        out["clipped"] = np.asarray(self._clipped_per, dtype=np.float64)
+        out["values"] = np.asarray(self._values_per, dtype=np.float64)
+        return out
 
     @property
     def clip_scores(self) -> Optional[np.ndarray]:
