@@ -22,7 +22,7 @@ from typing import Iterable, Optional, Union
 
 from . import atomic
 from .chain.run_folder import IterationRecord, RunData, RunFolder
-from .metrics import FEATURES_HANDCRAFTED
+from .metrics import describe_feature_set
 from .report_answer import VERDICT_COLOURS, plain_answer, verdict_table_html  # noqa: F401 (VERDICT_COLOURS: public)
 from .report_images import (  # noqa: F401 (re-exported: the report's pictures are part of its API)
     CURVES, GRID_ROWS, HEADER, PAD, ROW_LABEL_W, TILE, grid_seed, image_grid, method_grid, plot_curves, plot_losses,
@@ -107,25 +107,15 @@ def _partial_note(data: RunData) -> Optional[str]:
     return " ".join(parts)
 
 
-FEATURE_NOTES = {
-    FEATURES_HANDCRAFTED: (
-        "handcrafted-v1 is the weight-free feature set (colour histograms, saturation histogram, luminance octave-band "
-        "energies, gradient-orientation histogram, 8x8 luminance thumbnail; see docs/metrics.md). FID/KID on it track "
-        "drift within this run; they are not comparable to published Inception FIDs."
-    ),
-}
-
-
-def _features_note(features: set[str]) -> str:
+def _features_note(features: set[str], clip: bool) -> str:
     if not features:
         return "No FID/KID features recorded yet."
-    out = []
-    for f in sorted(features):
-        note = FEATURE_NOTES.get(f)
-        if note is None and f.startswith("inception"):
-            note = f"{f}: 2048-d pool3 features of Inception-v3 from a local weights file."
-        out.append(note or f)
-    return " ".join(out)
+    notes = [describe_feature_set(f) for f in sorted(features)]
+    notes.append("FID/KID on these features track drift within this run; they are not comparable to published "
+                 "Inception FIDs (50 000 images).")
+    notes.append("CLIP score: from a local CLIP model." if clip else
+                 "CLIP score: not computed in this run (no local CLIP model; see docs/metrics.md).")
+    return " ".join(notes)
 
 
 _CSS = """
@@ -198,7 +188,8 @@ def render_report(run_dir: PathLike) -> Path:
         feats = {str(data.run["features"])}
     parts.append("<h2>Feature set for FID/KID</h2>")
     feats_text = html.escape(", ".join(sorted(feats)) or "none yet")
-    parts.append(f"<p><code>{feats_text}</code>: {html.escape(_features_note(feats))}</p>")
+    clip = any("clip_score" in r.metrics for r in data.records)
+    parts.append(f"<p><code>{feats_text}</code>: {html.escape(_features_note(feats, clip))}</p>")
     if data.reference_metrics:
         parts.append("<h3>Your images (D0)</h3><table><tr>" + "".join(
             f"<th>{html.escape(k)}</th>" for k in data.reference_metrics) + "</tr><tr>" + "".join(

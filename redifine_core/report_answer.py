@@ -22,6 +22,7 @@ from typing import Optional, Sequence, Union
 
 from .chain.run_folder import IterationRecord, RunData, RunFolder
 from .guidance import parse_schedule
+from .metrics.features import describe_feature_set
 from .metrics.intervals import INTERVAL_LEVEL, read_interval
 from .metrics.verdict import (BLUR, CLIPPED_RISE, COLOURFULNESS_RISE, DRIFT, INCONCLUSIVE, OVER, SATURATION_RISE,
                               SHARP_RISE, SLOPE_STEEPER, STABLE, VERDICTS)
@@ -218,6 +219,8 @@ def plain_answer(run: Union[str, Path, RunData]) -> str:
         best, worst = min(fids, key=fids.get), max(fids, key=fids.get)
         lines.append(f"Closest to your images at the end: {best} (FID {fids[best]:.3g}); furthest: {worst} "
                      f"(FID {fids[worst]:.3g}).")
+    for f in sorted({r.features for r in done if r.features}):
+        lines.append(f"FID is computed on {describe_feature_set(f)}")
     expected = (data.iterations or 0) * len(data.methods) * len(data.seeds)
     if data.status != "complete" or len(done) < expected:
         lines.append(f"The run is not finished ({len(done)} of {expected or '?'} rounds done): this may change.")

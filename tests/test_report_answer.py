@@ -50,7 +50,9 @@ def test_one_sentence_per_method_with_the_runs_own_numbers(run_dir):
     red = next(l for l in lines if l.startswith("redifine (ReDiFine: condition drop 0.1 and CFG schedule redifine = "
                                                 "exp(7.5, 1, 3))"))
     assert "only round 0 has finished" in red  # its round 1 has no DONE
-    assert lines[-2].startswith("Closest to your images at the end: ")
+    assert lines[-3].startswith("Closest to your images at the end: ")
+    assert lines[-2].startswith("FID is computed on handcrafted-v1, the weight-free feature set")
+    assert "it cannot see meaning or identity" in lines[-2]
 
 
 def test_changing_a_metric_changes_the_sentence(run_dir, tmp_path):
@@ -86,6 +88,9 @@ def test_report_opens_with_the_answer_and_writes_reasons_out(run_dir):
     assert f"<li>{h.escape(reasons[0])}</li>" in table  # visible, not only in the hover text
     # stable cells show their reason too
     assert "<li>all metrics within thresholds of iteration 0</li>" in table
+    features = html[html.index("<h2>Feature set for FID/KID</h2>"):html.index("<h2>Configuration</h2>")]
+    assert "<code>handcrafted-v1</code>" in features and "it cannot see meaning or identity" in features
+    assert "CLIP score: not computed in this run" in features
 
 
 def test_every_label_has_a_colour_and_inconclusive_shows_why(run_dir, tmp_path):

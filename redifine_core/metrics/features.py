@@ -329,3 +329,21 @@ def feature_set_name(spec: FeatureSpec) -> str:
 
 def _inception_name(path: Path, fid_layout: bool) -> str:
     return f"inception-v3{'-fid' if fid_layout else ''}:{path.name}"
+
+
+def describe_feature_set(name: str) -> str:
+    """What the feature set ``name`` (a result's "features" field) is, where it came from, and, in one sentence, what
+    it cannot see; for the report and the answer."""
+    if name == FEATURES_HANDCRAFTED:
+        return ("handcrafted-v1, the weight-free feature set (colour and saturation histograms, luminance octave-band "
+                "energies, gradient orientations, an 8x8 luminance thumbnail): it cannot see meaning or identity, so "
+                "a cat turning into a dog, or one face into another, with the same colours and layout leaves it "
+                "unchanged.")
+    if name.startswith("inception-v3"):
+        layout, _, file = name.partition(":")
+        kind = "the FID Inception (2015 TF weights)" if layout.endswith("-fid") else "a torchvision Inception-v3"
+        return (f"{name}, 2048-d pool3 features of {kind} from the local weights file {file or '?'}, configured for "
+                "this run: it sees the ImageNet object categories its weights learnt, not identity or style, so one "
+                "person's face turning into another's, or one artist's style into a near one, moves it little (with "
+                "untrained weights it sees nothing meaningful).")
+    return f"{name}: a feature set this version does not describe."
