@@ -13,6 +13,7 @@ in ``schedule_forms.py`` and re-exported here. The API:
     def parse_schedule(spec: str | float | Schedule) -> Schedule       # raises ScheduleSyntaxError (a ValueError)
     class ScheduleSyntaxError(ValueError)
     PRESETS: dict[str, str]                 # "redifine" -> its expansion
+    def legacy_expansion(spec: str) -> str  # what spec expanded to before the presets took W
 
 THE GRAMMAR (the same text in the CLI, the ComfyUI nodes and config files; names are case-insensitive,
 whitespace is ignored, numbers may be ints, floats, negative or scientific)::
@@ -44,13 +45,15 @@ Value rules (our choice): every number must be finite; guidance scales lie in [0
 unconditional prediction, values in (0, 1) interpolate towards it, 1 is the conditional prediction alone; negative
 guidance is refused); progress arguments lie in [0, 1]; rates are >= 0.
 
-PRESETS: every reading of ReDiFine's schedule (the paper's formula is unknown) is a named preset; the table, with
-each reading's source, lives in ``presets.py`` and docs/schedules.md says why each default was chosen:
+PRESETS: every reading of ReDiFine's schedule (the paper's formula is unknown) is a named preset set by the user's
+usual CFG W, with the low scale L = low_scale(W) (the scale rule); the table, with each reading's source and the
+legacy meanings of the names, lives in ``presets.py``, and docs/schedules.md gives the rule and the values:
 
-    redifine            = exp(7.5, 1, 3)             reviewers: decaying over the denoising steps
-    redifine_chain      = chain_decay(7.5, 5, 0.5)   reviewers: decaying along the chain
-    redifine_rising     = linear(2, 7.5)             the brief: low CFG first, then high, over the denoising steps
-    redifine_alternate  = cycle(2, 7.5)              the brief: low and high alternating along the chain
+    redifine_decay(W, rate)   = exp(W, 1, rate)            the reviewers: decaying over the denoising steps
+    redifine_rising(W)        = linear(L, W)               the summary: low CFG first, then high, over the steps
+    redifine_alternate(W)     = cycle(L, W)                the summary: low and high alternating along the chain
+    redifine_chain(W, rate)   = chain_decay(W, L, rate)    the reviewers: decaying along the chain
+    redifine(W)               the reading presets.REDIFINE_READING names
 
 Schedules are immutable and hashable; equality is structural (two schedules are equal when their canonical
 ``spec`` is equal), so ``exp(7.5, 1, 3)`` equals the expanded ``redifine`` preset. ``parse_schedule(s.spec) == s``.
@@ -67,7 +70,9 @@ from functools import lru_cache
 from typing import Callable, Sequence, Union
 
 from .bounds import MAX_CFG
+from .presets import LEGACY_PRESET_DEFS as _LEGACY_DEFS
 from .presets import PRESET_DEFS as _PRESET_DEFS
+from .presets import Preset
 from .schedule_forms import (ByIter, ChainDecay, Constant, Cosine, Cycle, Exp, Interval, Keys, Linear, Schedule,
                              _fmt)
 
@@ -84,6 +89,7 @@ __all__ = [
     "ChainDecay",
     "ScheduleSyntaxError",
     "parse_schedule",
+    "legacy_expansion",
     "PRESETS",
     "FORMS",
 ]
@@ -100,7 +106,7 @@ FORMS: dict[str, str] = {
     "by_iter(s0, s1, ...)": "chain axis: iteration i uses s[i], the last one after the list ends",
     "chain_decay(w_start, w_end, rate)": "chain axis: constant w_end + (w_start-w_end)*exp(-rate*i) at iteration i",
 }
-FORMS.update({f"{p.name} | {p.name}({', '.join(p.params)})": f"preset, {p.shape}: {p.expansion}"
+FORMS.update({f"{p.name} | {p.signature}": f"preset, {p.shape}: {p.rule}, default {p.expansion}"
               for p in _PRESET_DEFS.values()})
 
 _AVAILABLE = "available forms: " + "; ".join(FORMS)
@@ -191,8 +197,9 @@ _Node = Union[_Num, _Pair, _Call]
 
 
 class _Parser:
-    def __init__(self, spec: str):
+    def __init__(self, spec: str, presets: dict[str, Preset]):
         self.spec = spec
+        self.presets = presets
         self.toks = _tokenize(spec)
         self.i = 0
 
@@ -235,12 +242,12 @@ class _Parser:
             return num
         if t.kind == "name":
             self.i += 1
-            if t.text not in _BUILDERS and t.text not in _PRESET_DEFS:
-                close = difflib.get_close_matches(t.text, list(_BUILDERS) + list(_PRESET_DEFS), n=1)
+            if t.text not in _BUILDERS and t.text not in self.presets:
+                close = difflib.get_close_matches(t.text, list(_BUILDERS) + list(self.presets), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 raise self.error(t.pos, f"unknown schedule form {t.text!r}{hint}")
             if self.tok.kind != "(":
-                if t.text in _PRESET_DEFS:
+                if t.text in self.presets:
                     return _Call(t.text, t.pos, (), False, t.pos)
                 raise self.error(self.tok.pos, f"expected '(' after {t.text!r}, found {self._found()}")
             self.i += 1
@@ -267,6 +274,7 @@ class _Parser:
 class _Builder:
     def __init__(self, parser: _Parser):
         self.p = parser
+        self.presets = parser.presets
 
     def error(self, pos: int, reason: str) -> ScheduleSyntaxError:
         return self.p.error(pos, reason)
@@ -276,7 +284,7 @@ class _Builder:
             return Constant(self.scale_value(node, "constant", "w"))
         if isinstance(node, _Pair):  # pragma: no cover - the parser only makes pairs inside keys(...)
             raise self.error(node.pos, "keyframes p:w are only allowed inside keys(...)")
-        if node.name in _PRESET_DEFS:
+        if node.name in self.presets:
             return self.preset(node)
         return _BUILDERS[node.name](self, node)
 
@@ -318,18 +326,16 @@ class _Builder:
                                              f"{len(node.args)}: missing {names[len(node.args)]!r}")
 
     # forms -----------------------------------------------------------------------------------------------------
-    def two_scales(self, node: _Call, cls, names=("a", "b"), preset=None):
+    def two_scales(self, node: _Call, cls):
+        names = ("a", "b")
         self.arity(node, names)
-        form = preset or node.name
-        a, b = (self.scale_value(x, form, n) for x, n in zip(node.args, names))
-        return cls(a, b, preset=preset) if preset else cls(a, b)
+        return cls(*(self.scale_value(x, node.name, n) for x, n in zip(node.args, names)))
 
-    def exp(self, node: _Call, names=("a", "b", "rate"), preset=None) -> Exp:
+    def two_scales_and_rate(self, node: _Call, cls, names: tuple[str, str, str]):  # exp and chain_decay
         self.arity(node, names)
         a, b, r = node.args
-        form = preset or node.name
-        return Exp(self.scale_value(a, form, names[0]), self.scale_value(b, form, names[1]),
-                   self.rate_value(r, form, names[2]), preset=preset)
+        return cls(self.scale_value(a, node.name, names[0]), self.scale_value(b, node.name, names[1]),
+                   self.rate_value(r, node.name, names[2]))
 
     def interval(self, node: _Call) -> Interval:
         self.arity(node, ("w", "p0", "p1"))
@@ -355,7 +361,7 @@ class _Builder:
             points.append((p, w))
         return Keys(tuple(points))
 
-    def items(self, node: _Call, cls, names=(), preset=None):
+    def items(self, node: _Call, cls):
         if not node.args:
             raise self.error(node.close_pos,
                              f"{node.name} takes at least one per-step schedule, e.g. {node.name}(7.5, 3)")
@@ -366,43 +372,47 @@ class _Builder:
                 raise self.error(arg.pos, f"{node.name} item {k + 1} is itself a chain-axis schedule: "
                                           "the items must be per-step schedules")
             out.append(s)
-        return cls(tuple(out), preset=preset) if preset else cls(tuple(out))
-
-    def chain_decay(self, node: _Call, names=("w_start", "w_end", "rate"), preset=None) -> ChainDecay:
-        self.arity(node, names)
-        form = preset or node.name
-        a, b, r = node.args
-        return ChainDecay(self.scale_value(a, form, names[0]), self.scale_value(b, form, names[1]),
-                          self.rate_value(r, form, names[2]), preset=preset)
+        return cls(tuple(out))
 
     def preset(self, node: _Call) -> Schedule:
-        p = _PRESET_DEFS[node.name]
-        form, names, defaults = p.form, p.params, p.defaults
-        if len(node.args) > len(names):
-            raise self.error(node.args[len(names)].pos, f"preset {node.name} takes at most {len(names)} argument(s), "
-                                                        f"{node.name}({', '.join(names)}); got {len(node.args)}")
-        filled = list(node.args) + [_Num(v, node.pos) for v in defaults[len(node.args):]]
-        expanded = _Call(form, node.pos, tuple(filled), True, node.close_pos)
-        builders = {"exp": _Builder.exp, "chain_decay": _Builder.chain_decay,
-                    "linear": lambda b, n, **kw: b.two_scales(n, Linear, **kw),
-                    "cycle": lambda b, n, **kw: b.items(n, Cycle, **kw)}
-        return builders[form](self, expanded, names=names, preset=node.name)
+        p = self.presets[node.name]
+        if len(node.args) > p.max_args:
+            raise self.error(node.args[p.max_args].pos, self.too_many(node, p))
+        values = [self.rate_value(x, node.name, n) if n == "rate" else self.scale_value(x, node.name, n)
+                  for x, n in zip(node.args, p.params)]
+        a, note = p.form_args(values), (p.note if self.presets is _PRESET_DEFS else "")
+        if p.form == "cycle":
+            return Cycle(tuple(Constant(v) for v in a), note=note)
+        return {"exp": Exp, "linear": Linear, "chain_decay": ChainDecay}[p.form](*a, note=note)
+
+    def too_many(self, node: _Call, p: Preset) -> str:
+        """Too many arguments; a call the preset read otherwise before it took W is told the plain form it meant."""
+        reason = (f"preset {node.name} takes at most {p.max_args} argument(s), {p.signature} = {p.rule}; "
+                  f"got {len(node.args)}")
+        old = _LEGACY_DEFS.get(node.name) if self.presets is _PRESET_DEFS else None
+        if old and len(node.args) <= len(old.params) and all(
+                isinstance(x, _Num) and math.isfinite(x.value) for x in node.args):
+            meant = old.expand([x.value for x in node.args])
+            call = f"{node.name}({', '.join(_fmt(x.value) for x in node.args)})"
+            reason += f": before the presets took your usual CFG W, {call} meant {meant}; write {meant}"
+        return reason
 
 
 _BUILDERS: dict[str, Callable[[_Builder, _Call], Schedule]] = {
     "linear": lambda b, n: b.two_scales(n, Linear),
     "cosine": lambda b, n: b.two_scales(n, Cosine),
-    "exp": lambda b, n: b.exp(n),
+    "exp": lambda b, n: b.two_scales_and_rate(n, Exp, ("a", "b", "rate")),
     "interval": _Builder.interval,
     "keys": _Builder.keys,
     "cycle": lambda b, n: b.items(n, Cycle),
     "by_iter": lambda b, n: b.items(n, ByIter),
-    "chain_decay": lambda b, n: b.chain_decay(n),
+    "chain_decay": lambda b, n: b.two_scales_and_rate(n, ChainDecay, ("w_start", "w_end", "rate")),
 }
 
+
 @lru_cache(maxsize=512)
-def _parse_text(spec: str) -> Schedule:
-    parser = _Parser(spec)
+def _parse_text(spec: str, legacy: bool = False) -> Schedule:
+    parser = _Parser(spec, _LEGACY_DEFS if legacy else _PRESET_DEFS)
     return _Builder(parser).build(parser.parse())
 
 
@@ -427,6 +437,15 @@ def parse_schedule(spec: Union[str, float, Schedule]) -> Schedule:
     if isinstance(spec, str):
         return _parse_text(spec)
     raise TypeError(f"a CFG schedule must be a str, a number or a Schedule, got {type(spec).__name__}: {spec!r}")
+
+
+def legacy_expansion(spec: Union[str, float]) -> str:
+    """The canonical expansion ``spec`` had before the presets took the user's usual CFG (``presets.py``'s
+    ``LEGACY_PRESET_TABLE``), e.g. ``redifine_rising`` -> ``linear(2, 7.5)``: how a run folder whose run.json
+    recorded no resolved schedule resumes. Text without a preset name expands as it does today."""
+    if isinstance(spec, str):
+        return _parse_text(spec, legacy=True).spec
+    return parse_schedule(spec).spec
 
 
 # name -> canonical expansion, e.g. "redifine" -> "exp(7.5, 1, 3)"

@@ -11,10 +11,8 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Optional
 
 from .bounds import check as check_bound
-from .presets import PRESET_DEFS as _PRESET_DEFS
 
 __all__ = ["Schedule", "Constant", "Linear", "Cosine", "Exp", "Interval", "Keys", "Cycle", "ByIter", "ChainDecay"]
 
@@ -84,10 +82,6 @@ class Schedule:
         return f"parse_schedule({self.spec!r})"
 
 
-def _preset_note(preset: Optional[str]) -> str:
-    return _PRESET_DEFS[preset].note if preset else ""
-
-
 @dataclass(frozen=True, repr=False)
 class Constant(Schedule):
     w: float
@@ -107,7 +101,7 @@ class Constant(Schedule):
 class Linear(Schedule):
     a: float
     b: float
-    preset: Optional[str] = field(default=None, compare=False)
+    note: str = field(default="", compare=False)  # describe()'s prefix when a preset made it
 
     @property
     def spec(self) -> str:
@@ -117,7 +111,7 @@ class Linear(Schedule):
         return self.a + (self.b - self.a) * p
 
     def describe(self) -> str:
-        return (_preset_note(self.preset)
+        return (self.note
                 + f"linear from w = {_fmt(self.a)} at the first step to w = {_fmt(self.b)} at the last")
 
 
@@ -142,7 +136,7 @@ class Exp(Schedule):
     a: float
     b: float
     rate: float
-    preset: Optional[str] = field(default=None, compare=False)  # the preset it was expanded from, for describe()
+    note: str = field(default="", compare=False)  # describe()'s prefix when a preset made it
 
     @property
     def spec(self) -> str:
@@ -152,7 +146,7 @@ class Exp(Schedule):
         return self.b + (self.a - self.b) * math.exp(-self.rate * p)
 
     def describe(self) -> str:
-        return _preset_note(self.preset) + (
+        return self.note + (
             f"exponential approach from w = {_fmt(self.a)} towards {_fmt(self.b)} at rate {_fmt(self.rate)} "
             f"(w = {self._w(1.0):.3g} at the last step)"
         )
@@ -200,7 +194,7 @@ class Keys(Schedule):
 @dataclass(frozen=True, repr=False)
 class Cycle(Schedule):
     items: tuple[Schedule, ...]
-    preset: Optional[str] = field(default=None, compare=False)
+    note: str = field(default="", compare=False)  # describe()'s prefix when a preset made it
     is_chain_axis = True
 
     @property
@@ -211,7 +205,7 @@ class Cycle(Schedule):
         return self.items[_check_iteration(iteration) % len(self.items)]
 
     def describe(self) -> str:
-        return (_preset_note(self.preset) + f"per chain iteration, cycling through {len(self.items)}: "
+        return (self.note + f"per chain iteration, cycling through {len(self.items)}: "
                 + "; ".join(s.spec for s in self.items))
 
 
@@ -238,7 +232,7 @@ class ChainDecay(Schedule):
     w_start: float
     w_end: float
     rate: float
-    preset: Optional[str] = field(default=None, compare=False)
+    note: str = field(default="", compare=False)  # describe()'s prefix when a preset made it
     is_chain_axis = True
 
     @property
@@ -251,7 +245,7 @@ class ChainDecay(Schedule):
 
     def describe(self) -> str:
         w1 = self.at_iteration(1).scale(0.0)
-        return _preset_note(self.preset) + (
+        return self.note + (
             f"constant per chain iteration, decaying from w = {_fmt(self.w_start)} towards {_fmt(self.w_end)} "
             f"at rate {_fmt(self.rate)} (iteration 1 uses w = {w1:.3g})"
         )

@@ -105,3 +105,28 @@ def test_sigkill_at_several_points_then_resume_is_exact(tmp_path, threads):
     _assert_same(_outputs(run), expected)
     manifest = json.loads((run / "run.json").read_text())
     assert manifest["status"] == "complete" and len(manifest["resumed"]) == 3
+
+
+def test_a_run_of_the_previous_version_resumes_with_the_schedule_it_started_with(tmp_path, threads):
+    """Tiny SD: a run.json without recorded schedules (as the previous version wrote it) that ran 'redifine_rising'
+    then meant linear(2, 7.5); its unfinished iteration is redone with exactly that, not today's meaning."""
+    import shutil
+    from dataclasses import replace
+
+    from redifine_core.chain import MethodConfig, RunFolder, run_chain
+
+    pipe, ds, cfg = make_inputs()
+    method = MethodConfig("rd", kind="custom", schedule="linear(2, 7.5)", cond_drop=0.2)
+    ref = tmp_path / "ref"
+    run_chain(pipe, ds, replace(cfg, methods=(method,)), ref, render=False)
+    run = tmp_path / "run"
+    shutil.copytree(ref, run)
+    RunFolder(run).clear_iteration("rd", 0, 1)
+    manifest = json.loads((run / "run.json").read_text())
+    del manifest["schedules"]
+    manifest["config"]["methods"][0]["schedule"] = "redifine_rising"
+    (run / "run.json").write_text(json.dumps(manifest))
+    old = replace(cfg, methods=(replace(method, schedule="redifine_rising"),))
+    assert run_chain(pipe, ds, old, run, resume=True, render=False).status == "complete"
+    _assert_same(_outputs(run), _outputs(ref))
+    assert json.loads((run / "run.json").read_text())["schedules"]["rd"]["resolved"] == "linear(2, 7.5)"

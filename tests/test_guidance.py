@@ -192,8 +192,11 @@ def test_per_step_schedules_ignore_iteration():
 
 # --- presets -----------------------------------------------------------------------------------------------
 
-def test_redifine_preset_expands_to_documented_exponential_decay():
-    assert PRESETS["redifine"] == "exp(7.5, 1, 3)"
+def test_redifine_is_the_alias_of_the_reading_named_in_one_place(monkeypatch):
+    from redifine_core import presets
+
+    assert presets.REDIFINE_READING == "redifine_decay"  # until the pre-registered study selects one
+    assert PRESETS["redifine"] == PRESETS[presets.REDIFINE_READING] == "exp(7.5, 1, 3)"
     s = parse_schedule("redifine")
     assert s == parse_schedule(PRESETS["redifine"])
     assert parse_schedule("ReDiFine()") == s
@@ -201,60 +204,113 @@ def test_redifine_preset_expands_to_documented_exponential_decay():
     assert v[0] == 7.5
     assert all(a > b for a, b in zip(v, v[1:]))  # decays every step
     assert v[-1] == approx(1 + 6.5 * math.exp(-3))  # 5% of the excess guidance left at the last step
-    assert "preset" in s.describe() and "not" in s.describe()  # labelled as our reading, not the paper's
+    d = s.describe()
+    assert "redifine_decay" in d and "not yet chosen by evidence" in d and "docs/toy-lab.md" in d
+    assert "not the paper's formula" in d
+    # the alias follows whichever reading the constant names
+    for target in ("redifine_rising", "redifine_chain"):
+        alias = presets._alias(presets.PRESET_DEFS[target])
+        assert alias.expand([10]) == presets.PRESET_DEFS[target].expand([10])
 
 
-def test_redifine_preset_parameters_override_positionally():
+@pytest.mark.parametrize("w, low", [(7.5, 2.625), (5, 2.0), (10, 3.25), (1, 1.0), (0, 0.75), (100, 25.75)])
+def test_the_scale_rule_keeps_a_quarter_of_the_guidance_excess(w, low):
+    from redifine_core.presets import low_scale
+
+    assert low_scale(w) == low
+    assert parse_schedule(f"redifine_rising({w})").values(2) == [low, float(w)]
+    assert parse_schedule(f"redifine_alternate({w})").values(1, iteration=0) == [low]
+    assert parse_schedule(f"redifine_alternate({w})").values(1, iteration=1) == [float(w)]
+    assert parse_schedule(f"redifine_chain({w})").spec == f"chain_decay({w:g}, {low:g}, 0.5)"
+
+
+def test_every_reading_is_set_by_the_usual_cfg():
+    assert PRESETS["redifine_decay"] == "exp(7.5, 1, 3)"
+    assert parse_schedule("redifine_decay(10)") == parse_schedule("exp(10, 1, 3)")
+    assert parse_schedule("redifine_decay(5, 6)") == parse_schedule("exp(5, 1, 6)")
     assert parse_schedule("redifine(10)") == parse_schedule("exp(10, 1, 3)")
-    assert parse_schedule("redifine(10, 2)") == parse_schedule("exp(10, 2, 3)")
-    assert parse_schedule("redifine(5, 1.5, 6)") == parse_schedule("exp(5, 1.5, 6)")
+    assert PRESETS["redifine_rising"] == "linear(2.625, 7.5)"
+    assert parse_schedule("redifine_rising(5)") == parse_schedule("linear(2, 5)")
+    assert PRESETS["redifine_alternate"] == "cycle(2.625, 7.5)"
+    assert parse_schedule("redifine_alternate(10)") == parse_schedule("cycle(3.25, 10)")
+    assert PRESETS["redifine_chain"] == "chain_decay(7.5, 2.625, 0.5)"
+    assert parse_schedule("redifine_chain(10, 1)") == parse_schedule("chain_decay(10, 3.25, 1)")
 
 
 def test_redifine_chain_preset_decays_along_the_chain():
     s = parse_schedule("redifine_chain")
-    assert s.spec == PRESETS["redifine_chain"] == "chain_decay(7.5, 5, 0.5)"
     assert s.is_chain_axis
     assert s.scale(0.3, iteration=0) == 7.5
-    assert s.scale(0.3, iteration=2) == approx(5 + 2.5 * math.exp(-1))
-    assert parse_schedule("redifine_chain(10, 3, 1)") == parse_schedule("chain_decay(10, 3, 1)")
+    assert s.scale(0.3, iteration=2) == approx(2.625 + 4.875 * math.exp(-1))
 
 
-def test_brief_rising_preset_increases_over_the_denoising_steps():
+def test_rising_preset_increases_over_the_denoising_steps():
     s = parse_schedule("redifine_rising")
-    assert s.spec == PRESETS["redifine_rising"] == "linear(2, 7.5)"
     v = s.values(12)
-    assert v[0] == 2 and v[-1] == 7.5 and all(a < b for a, b in zip(v, v[1:]))  # low first, then high
+    assert v[0] == 2.625 and v[-1] == 7.5 and all(a < b for a, b in zip(v, v[1:]))  # low first, then high
     assert not s.is_chain_axis
-    assert parse_schedule("redifine_rising(1.5)") == parse_schedule("linear(1.5, 7.5)")
-    # the mirror image of the reviewers' reading: redifine decays where this one rises
-    d = parse_schedule("redifine").values(12)
+    # the mirror image of the reviewers' reading: redifine_decay decays where this one rises
+    d = parse_schedule("redifine_decay").values(12)
     assert d[0] > d[-1] and v[0] < v[-1]
 
 
-def test_brief_alternate_preset_alternates_along_the_chain():
+def test_alternate_preset_alternates_along_the_chain_starting_low():
     s = parse_schedule("redifine_alternate")
-    assert s.spec == PRESETS["redifine_alternate"] == "cycle(2, 7.5)"
     assert s.is_chain_axis
     per_iter = [s.values(4, iteration=i) for i in range(5)]
-    assert per_iter == [[2.0] * 4, [7.5] * 4, [2.0] * 4, [7.5] * 4, [2.0] * 4]
-    assert parse_schedule("redifine_alternate(3, 10)") == parse_schedule("cycle(3, 10)")
-    with pytest.raises(ScheduleSyntaxError, match="at most 2 argument"):
+    assert per_iter == [[2.625] * 4, [7.5] * 4, [2.625] * 4, [7.5] * 4, [2.625] * 4]
+    with pytest.raises(ScheduleSyntaxError, match="at most 1 argument"):
         parse_schedule("redifine_alternate(1, 2, 3)")
-    with pytest.raises(ScheduleSyntaxError, match="w_high"):
-        parse_schedule("redifine_rising(2, -1)")
+    with pytest.raises(ScheduleSyntaxError, match="'W' = -1 is a guidance scale"):
+        parse_schedule("redifine_rising(-1)")
+    with pytest.raises(ScheduleSyntaxError, match="'rate' = -1 must be >= 0"):
+        parse_schedule("redifine_chain(7.5, -1)")
+
+
+@pytest.mark.parametrize("old, plain", [
+    ("redifine_rising(2, 7.5)", "linear(2, 7.5)"),
+    ("redifine_alternate(2, 7.5)", "cycle(2, 7.5)"),
+    ("redifine_chain(7.5, 5, 0.5)", "chain_decay(7.5, 5, 0.5)"),
+    ("redifine(10, 2)", "exp(10, 2, 3)"),
+    ("redifine(7.5, 1, 3)", "exp(7.5, 1, 3)"),
+])
+def test_old_calls_whose_meaning_changed_are_refused_naming_the_plain_form(old, plain):
+    with pytest.raises(ScheduleSyntaxError) as info:
+        parse_schedule(old)
+    reason = info.value.reason
+    assert "\n" not in reason and f"meant {plain}; write {plain}" in reason
+    assert "takes at most" in reason and "W" in reason
+    assert parse_schedule(plain).spec == plain  # what the message says to write parses
+
+
+def test_legacy_expansion_is_what_the_names_meant_before_they_took_w():
+    from redifine_core.guidance import legacy_expansion
+
+    assert legacy_expansion("redifine") == "exp(7.5, 1, 3)"
+    assert legacy_expansion("redifine_rising") == "linear(2, 7.5)"
+    assert legacy_expansion("redifine_alternate") == "cycle(2, 7.5)"
+    assert legacy_expansion("redifine_chain") == "chain_decay(7.5, 5, 0.5)"
+    assert legacy_expansion("redifine_rising(2, 7.5)") == "linear(2, 7.5)"
+    assert legacy_expansion("by_iter(redifine(10), 3)") == "by_iter(exp(10, 1, 3), 3)"
+    assert legacy_expansion("linear(7, 1)") == "linear(7, 1)" and legacy_expansion(7.5) == "7.5"
+    with pytest.raises(ScheduleSyntaxError, match="unknown schedule form 'redifine_decay'"):
+        legacy_expansion("redifine_decay")  # a name that did not exist before
+    assert parse_schedule("redifine_rising").spec != legacy_expansion("redifine_rising")  # the cache keeps both
 
 
 def test_every_preset_names_its_source_and_matches_the_table():
     from redifine_core.presets import PRESET_TABLE
 
-    assert [p.name for p in PRESET_TABLE] == list(PRESETS)
+    assert [p.name for p in PRESET_TABLE] == list(PRESETS) == [
+        "redifine", "redifine_decay", "redifine_rising", "redifine_alternate", "redifine_chain"]
     for p in PRESET_TABLE:
         s = parse_schedule(p.name)
         assert s.spec == p.expansion == PRESETS[p.name]
         assert s.is_chain_axis == (p.axis == "chain")
         d = s.describe()
-        assert p.source in d and "not the paper's formula" in d
+        assert p.source in d and "not the paper's formula" in d and "\n" not in d
         assert any(k.startswith(p.name + " |") for k in FORMS)
+    assert "project" not in " ".join(p.source for p in PRESET_TABLE)
 
 
 def test_describe_is_one_line_for_every_form():
@@ -302,8 +358,9 @@ BAD_SPECS = [
     ("cycle()", 6, ["at least one per-step schedule"]),
     ("cycle(7, chain_decay(7, 5, 1))", 9, ["cycle item 2", "chain-axis"]),
     ("by_iter(redifine_chain)", 8, ["by_iter item 1", "chain-axis"]),
-    ("redifine(7.5, 1, 3, 4)", 20, ["preset redifine takes at most 3"]),
-    ("redifine(-2)", 9, ["redifine argument 'w_start'", "in [0, 100]"]),
+    ("redifine(7.5, 1, 3, 4)", 14, ["preset redifine takes at most 1", "redifine(W)"]),
+    ("redifine_rising(2, 7.5)", 19, ["takes at most 1", "write linear(2, 7.5)"]),
+    ("redifine(-2)", 9, ["redifine argument 'W'", "in [0, 100]"]),
     ("chain_decay(7, 5)", 16, ["chain_decay takes 3", "missing 'rate'"]),
     ("-linear(7, 1)", 0, ["unexpected character '-'"]),
 ]

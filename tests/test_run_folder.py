@@ -131,6 +131,108 @@ def test_a_changed_config_after_a_finished_unit_is_refused_and_overwrite_starts_
     assert json.loads((run / "run.json").read_text())["config"]["steps"] == 5
 
 
+# ------------------------------------------------------------------------------------------- recorded schedules
+def _scheduled_cfg(schedule: str, iterations: int = 2):
+    return _cfg(iterations=iterations, methods=(MethodConfig("low", cfg=1.5), MethodConfig("rd", kind="redifine"),
+                                                MethodConfig("s", kind="custom", schedule=schedule, cond_drop=0.1)))
+
+
+def _rewind(run: Path, iteration: int) -> None:
+    """Make every method's ``iteration`` unfinished, as an interrupted run leaves it."""
+    f = RunFolder(run)
+    for m in ("low", "rd", "s"):
+        f.clear_iteration(m, 0, iteration)
+
+
+def _schedules_used(fb: FakeBackend) -> set:
+    return {c["schedule"] for c in fb.generate_calls}
+
+
+def test_a_new_run_records_every_schedule_resolved_and_generates_with_it(tmp_path):
+    fb = FakeBackend()
+    run_chain(PIPE, _dataset(), _scheduled_cfg("redifine_rising(10)", iterations=1), tmp_path / "r",
+              backend=fb.backend(), render=False)
+    manifest = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert manifest["schedules"] == {
+        "low": {"given": 1.5, "resolved": "1.5"},
+        "rd": {"given": "redifine", "resolved": "exp(7.5, 1, 3)"},
+        "s": {"given": "redifine_rising(10)", "resolved": "linear(3.25, 10)"}}
+    assert [m["schedule"] for m in manifest["config"]["methods"]] == [None, "redifine", "redifine_rising(10)"]
+    assert _schedules_used(fb) == {1.5, "exp(7.5, 1, 3)", "linear(3.25, 10)"}
+
+
+def test_a_run_json_of_the_previous_version_resumes_with_the_schedules_it_started_with(tmp_path):
+    run = tmp_path / "r"
+    cfg = _scheduled_cfg("redifine_rising")
+    run_chain(PIPE, _dataset(), cfg, run, backend=FakeBackend().backend(), render=False)
+    _rewind(run, 1)
+    manifest = json.loads((run / "run.json").read_text())
+    del manifest["schedules"]  # what the previous version wrote: the preset names only
+    (run / "run.json").write_text(json.dumps(manifest))
+    fb = FakeBackend()
+    assert run_chain(PIPE, _dataset(), cfg, run, resume=True, backend=fb.backend(), render=False).status == "complete"
+    # the previous version's redifine_rising (today's is linear(2.625, 7.5))
+    assert _schedules_used(fb) == {1.5, "exp(7.5, 1, 3)", "linear(2, 7.5)"}
+    recorded = json.loads((run / "run.json").read_text())["schedules"]
+    assert recorded["s"] == {"given": "redifine_rising", "resolved": "linear(2, 7.5)"}
+
+
+def test_a_run_resumes_with_its_recorded_schedule_after_the_alias_moved(tmp_path, monkeypatch):
+    from redifine_core import guidance, presets
+
+    run = tmp_path / "r"
+    run_chain(PIPE, _dataset(), _scheduled_cfg("7.5"), run, backend=FakeBackend().backend(), render=False)
+    _rewind(run, 1)
+    # what the study's one-line change of presets.REDIFINE_READING does to the name 'redifine'
+    monkeypatch.setitem(presets.PRESET_DEFS, "redifine", presets._alias(presets.PRESET_DEFS["redifine_rising"]))
+    guidance._parse_text.cache_clear()
+    try:
+        assert guidance.parse_schedule("redifine").spec == "linear(2.625, 7.5)"
+        fb = FakeBackend()
+        run_chain(PIPE, _dataset(), _scheduled_cfg("7.5"), run, resume=True, backend=fb.backend(), render=False)
+        assert "exp(7.5, 1, 3)" in _schedules_used(fb) and "linear(2.625, 7.5)" not in _schedules_used(fb)
+        fb = FakeBackend()
+        run_chain(PIPE, _dataset(), _scheduled_cfg("7.5"), tmp_path / "new", backend=fb.backend(), render=False)
+        assert "linear(2.625, 7.5)" in _schedules_used(fb)  # a new run takes the new meaning
+    finally:
+        monkeypatch.undo()
+        guidance._parse_text.cache_clear()
+
+
+def test_a_run_started_with_an_old_call_resumes_with_its_plain_form(tmp_path):
+    run = tmp_path / "r"
+    run_chain(PIPE, _dataset(), _scheduled_cfg("linear(2, 7.5)"), run, backend=FakeBackend().backend(),
+              render=False)
+    _rewind(run, 1)
+    manifest = json.loads((run / "run.json").read_text())
+    del manifest["schedules"]
+    manifest["config"]["methods"][2]["schedule"] = "redifine_rising(2, 7.5)"  # refused today, as written before
+    (run / "run.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"write linear\(2, 7.5\)"):
+        _scheduled_cfg("redifine_rising(2, 7.5)")
+    with pytest.raises(ValueError, match=r"config.methods\[2\].schedule"):  # another schedule: refused
+        check_run_folder(run, resume=True, config=_scheduled_cfg("redifine_rising"))
+    check_run_folder(run, resume=True, config=_scheduled_cfg("linear(2, 7.5)"))
+    fb = FakeBackend()
+    run_chain(PIPE, _dataset(), _scheduled_cfg("linear(2, 7.5)"), run, resume=True, backend=fb.backend(),
+              render=False)
+    assert "linear(2, 7.5)" in _schedules_used(fb)
+
+
+def test_an_unreadable_schedule_record_is_one_line_naming_run_json(tmp_path):
+    run = tmp_path / "r"
+    run_chain(PIPE, _dataset(), _scheduled_cfg("7.5", iterations=1), run, backend=FakeBackend().backend(),
+              render=False)
+    manifest = json.loads((run / "run.json").read_text())
+    manifest["schedules"]["rd"] = {"given": "redifine"}
+    (run / "run.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError) as e:
+        run_chain(PIPE, _dataset(), _scheduled_cfg("7.5", iterations=1), run, resume=True,
+                  backend=FakeBackend().backend(), render=False)
+    msg = str(e.value)
+    assert "\n" not in msg and str(run / "run.json") in msg and "method 'rd'" in msg
+
+
 def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path):
     (tmp_path / "precious.txt").write_text("keep")
     with pytest.raises(ValueError, match="not a chain run folder"):

@@ -8,7 +8,9 @@ through it. Layout (schema_version 1)::
                                "versions": {"redifine": .., "torch": .., "diffusers": .., "peft": ..},
                                "created": iso8601, "updated": iso8601, "dataset": {"n": N, "captions": [...]},
                                "pipeline": {"source": .., "kind": ..}, "features": "<FID/KID feature set used>",
-                               "size": [width, height], "resumed": [iso8601, ...], "error": "<on failure>"}
+                               "size": [width, height], "resumed": [iso8601, ...], "error": "<on failure>",
+                               "schedules": {"<method>": {"given": "redifine", "resolved": "exp(7.5, 1, 3)"}}}
+                              (schedules: what each method generates with, resumed runs included; chain/start.py)
     <run>/reference/images/<c:04d>.png   D0 as used (centre-cropped and resized to the generation size)
     <run>/reference/captions.json        D0's captions
     <run>/reference/metrics.json         {"metrics": image_statistics(D0)}

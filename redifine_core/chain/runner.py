@@ -29,7 +29,7 @@ from .claims import DEFAULT_TIMEOUT, Claims, new_launch_id
 from .coerce import config_diff
 from .config import ChainConfig
 from .run_folder import SCHEMA_VERSION, RunFolder
-from .start import check_run_folder, now, open_run, versions
+from .start import check_run_folder, now, open_run, resolved_schedules, versions, with_recorded_schedules
 from .unit import (  # noqa: F401 (re-exported)
     ChainResult,
     Unit,
@@ -118,7 +118,7 @@ def run_chain(
         "seeds": list(config.seeds), "versions": versions(), "created": now(), "updated": now(),
         "dataset": {"n": len(captions), "captions": captions},
         "pipeline": {"source": str(getattr(pipeline, "source", "")), "kind": str(getattr(pipeline, "kind", ""))},
-        "features": config.features, "size": [width, height],
+        "features": config.features, "size": [width, height], "schedules": resolved_schedules(config),
     }
     run = _Run(pipeline, config, folder, captions, reference, (width, height), backend or default_backend(),
                fresh, progress, cancel, ChainResult(run_dir=folder.root, status="running"))
@@ -140,7 +140,7 @@ def run_chain(
         if alone:
             try:
                 claims.claim_all(lanes(config))
-                for unit in units(config):
+                for unit in units(run.config):
                     run.cancel = claims.cancel_for((unit.method.name, unit.seed), cancel)
                     _run_unit(run, unit)
             finally:
@@ -307,6 +307,7 @@ def _start(run: _Run, procs: Processes, resume: bool, overwrite: bool, timeout: 
         raise _ERRORS.get(err[0], RuntimeError)(err[1])
     if not procs.is_main:
         run.manifest = manifest
+    run.config = with_recorded_schedules(run.config, run.manifest)  # what the run started with, also on resume
     if claims is None:
         claims = Claims(folder, procs, launch, timeout, hosts)
         claims.enter()

@@ -4,10 +4,16 @@
 ``open_run`` returns the manifest to run with: a fresh one, or the stored one when resuming after checking that the
 config, the dataset, the model kind and D0's images are the run's. A changed config is refused once any unit is DONE
 and replaces the stored one while none is; ``overwrite`` clears a previous run's files.
+
+A run records every method's schedule resolved to its canonical expansion (``resolved_schedules``), and a resumed
+run generates with the recorded one (``with_recorded_schedules``), so a preset whose meaning changed since keeps
+the meaning the run started with; a run.json from before the record gets the expansion of that time
+(``guidance.legacy_expansion``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from datetime import datetime, timezone
@@ -53,6 +59,80 @@ def stored_config(config: Any) -> Any:
         return config
 
 
+def _given_schedule(method: dict) -> Any:
+    """What a method dict of run.json's config gave as its schedule: the spec, else the constant cfg."""
+    from .config import REDIFINE_SCHEDULE
+
+    if method.get("schedule") is not None:
+        return method["schedule"]
+    return method["cfg"] if method.get("cfg") is not None else REDIFINE_SCHEDULE
+
+
+def resolved_schedules(config: Any) -> dict[str, dict]:
+    """Every method's schedule as given and resolved to its canonical expansion, as run.json records them:
+    ``{method: {"given": "redifine", "resolved": "exp(7.5, 1, 3)"}}``."""
+    from ..guidance import parse_schedule
+
+    return {m.name: {"given": m.guidance, "resolved": parse_schedule(m.guidance).spec} for m in config.methods}
+
+
+def recorded_schedules(folder: RunFolder, manifest: dict) -> dict[str, dict]:
+    """run.json's resolved schedules; for a run.json written before they were recorded, each method's schedule as it
+    expanded then (``guidance.legacy_expansion``). ValueError naming run.json when they cannot be read."""
+    from ..guidance import legacy_expansion, parse_schedule
+
+    where = str(folder.run_json)
+    methods = [m for m in (manifest.get("config") or {}).get("methods") or [] if isinstance(m, dict)]
+    record = manifest.get("schedules")
+    out: dict[str, dict] = {}
+    for m in methods:
+        name = m.get("name")
+        try:
+            if record is None:
+                given = _given_schedule(m)
+                out[name] = {"given": given, "resolved": legacy_expansion(given)}
+            else:
+                out[name] = {"given": record[name]["given"], "resolved": parse_schedule(record[name]["resolved"]).spec}
+        except (KeyError, TypeError, ValueError) as e:
+            reason = str(e).splitlines()[0] if isinstance(e, ValueError) else f"no resolved schedule ({e!r} missing)"
+            raise ValueError(f"{where!r}: the schedule of method {name!r} cannot be resumed: {reason}") from None
+    return out
+
+
+def with_recorded_schedules(config: Any, manifest: dict) -> Any:
+    """``config`` with each scheduled method's schedule replaced by the expansion the run recorded, which is what
+    a run generates with (a preset's meaning may have changed since the run started)."""
+    record = manifest["schedules"]
+    methods = tuple(dataclasses.replace(m, schedule=record[m.name]["resolved"]) if m.schedule is not None else m
+                    for m in config.methods)
+    return dataclasses.replace(config, methods=methods)
+
+
+def _comparable(folder: RunFolder, manifest: dict, given: dict) -> Any:
+    """run.json's config to compare with ``given`` (a config dict): a method whose given schedule text differs from
+    the stored one but resolves to the schedule the run recorded takes the given text, so a run started with an old
+    call (``redifine_rising(2, 7.5)``) resumes with its plain form (``linear(2, 7.5)``)."""
+    from ..guidance import parse_schedule
+
+    stored = manifest.get("config")
+    try:
+        record = recorded_schedules(folder, manifest)
+    except ValueError:
+        return stored_config(stored)
+    stored = json.loads(json.dumps(stored))
+    for sm, gm in zip(stored.get("methods") or [], given.get("methods") or []):
+        if not (isinstance(sm, dict) and isinstance(gm, dict) and sm.get("name") == gm.get("name")):
+            continue
+        text = gm.get("schedule")
+        if text is not None and text != sm.get("schedule") and sm.get("name") in record:
+            try:
+                if parse_schedule(text).spec == record[sm["name"]]["resolved"]:
+                    sm["schedule"] = text
+            except ValueError:
+                pass
+    return stored_config(stored)
+
+
 def _refuse_changes(folder: RunFolder, diff: list[str]) -> None:
     """A changed config or dataset is refused once any unit is DONE (it would mix two runs in one folder)."""
     if diff and folder.any_done():
@@ -86,7 +166,7 @@ def check_run_folder(run_dir: Union[str, Path], resume: bool = False, overwrite:
         manifest = folder.read_manifest()
         if config is not None:
             given = json.loads(json.dumps(config.to_dict()))
-            _refuse_changes(folder, [f"config.{d}" for d in config_diff(stored_config(manifest["config"]), given)])
+            _refuse_changes(folder, [f"config.{d}" for d in config_diff(_comparable(folder, manifest, given), given)])
         return
     if non_empty:
         raise FileExistsError(f"run folder {str(root)!r} exists and is not empty; pass resume=True (CLI: --resume) "
@@ -99,7 +179,7 @@ def _stored_differences(folder: RunFolder, manifest: dict, given: dict, referenc
     if manifest.get("schema_version") != SCHEMA_VERSION:
         return [f"schema_version ({manifest.get('schema_version')!r}, this version writes {SCHEMA_VERSION})"]
     stored_pipe = manifest.get("pipeline") if isinstance(manifest.get("pipeline"), dict) else {}
-    stored = {"config": stored_config(manifest.get("config")), "dataset": manifest.get("dataset"),
+    stored = {"config": _comparable(folder, manifest, given["config"]), "dataset": manifest.get("dataset"),
               "pipeline": {"kind": stored_pipe.get("kind")}}
     diff = config_diff(stored, {"config": given["config"], "dataset": given["dataset"],
                                 "pipeline": {"kind": given["pipeline"]["kind"]}})
@@ -146,6 +226,7 @@ def open_run(folder: RunFolder, fresh: dict, reference: list, resume: bool, over
     if removed:
         log.info("removed %d stale temp file(s) from %s", removed, folder.root)
     manifest.pop("error", None)
+    manifest["schedules"] = recorded_schedules(folder, manifest)
     manifest.update(status="running", updated=now())
     manifest.setdefault("resumed", []).append(now())
     return manifest
