@@ -99,11 +99,14 @@ BOUNDS: Mapping[str, Bound] = MappingProxyType({
     "grad_accum": _B(1, 1_024, doc="gradient accumulation steps"),
     "rank": _B(1, 1_024, doc="LoRA rank"),
     "alpha": _B(0.0, 4_096.0, integer=False, lo_open=True, doc="LoRA alpha (scale = alpha / rank)"),
-    "learning_rate": _B(0.0, 1.0, integer=False, lo_open=True, doc="learning rate"),
+    "learning_rate": _B(0.0, 1.0, integer=False, lo_open=True, doc="learning rate (also the UNet's and the text "
+                                                                   "encoders' own)"),
     "cond_drop": _B(0.0, 1.0, integer=False, doc="condition-drop probability"),
     "noise_offset": _B(0.0, 1.0, integer=False, doc="noise offset"),
     "weight_decay": _B(0.0, 10.0, integer=False, doc="AdamW weight decay"),
     "max_grad_norm": _B(0.0, 1e6, integer=False, doc="gradient clipping norm (0 = none)"),
+    "min_snr_gamma": _B(0.0, 1e4, integer=False, doc="min-SNR loss weighting gamma (0 = off)"),
+    "clip_skip": _B(1, 48, doc="CLIP skip: 1 = last text-encoder layer, 2 = penultimate"),
     # data and other commands
     "dataset_limit": _B(2, 1_000_000, doc="images read from a dataset folder (dataset.limit)"),
     "download_limit": _B(1, 1_000_000, doc="images written by `redifine dataset --limit`"),

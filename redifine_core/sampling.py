@@ -9,14 +9,15 @@ The API:
                  sampler: str = "ddim", width: int | None = None, height: int | None = None,
                  batch_size: int = 8, lora: "LoraWeights | None" = None, lora_scale: float = 1.0,
                  iteration: int = 0, progress: ProgressCallback | None = None,
-                 cancel: CancelFlag | None = None) -> torch.Tensor
+                 cancel: CancelFlag | None = None, clip_skip: int | None = None) -> torch.Tensor
         # returns float32 CPU tensor [N, H, W, 3] in [0, 1] (the ComfyUI IMAGE layout, = diffusers output_type="np").
         # seeds: an int s means seeds s, s+1, ..., s+N-1; image i depends only on (model, prompt i, seed i).
 
 Also public: ``generate_batches(...)`` (the same arguments as ``generate``; yields ``(indices, images [b, H, W, 3])``
-per batch, so callers can stream images to disk), ``encode_prompts(pipeline, prompts) -> (prompt_embeds,
-pooled_or_None)``, ``decode_latents(pipeline, latents) -> [N, H, W, 3]`` (= ``vae.decode``: sliced, tiled above the
-VAE's native size, float32 for a ``force_upcast`` VAE in fp16), ``make_scheduler(pipeline, sampler)``,
+per batch, so callers can stream images to disk), ``encode_prompts(pipeline, prompts, clip_skip=None) ->
+(prompt_embeds, pooled_or_None)`` (:mod:`redifine_core.prompt_encoding`, as training encodes),
+``decode_latents(pipeline, latents) -> [N, H, W, 3]`` (= ``vae.decode``: sliced, tiled above the VAE's native size,
+float32 for a ``force_upcast`` VAE in fp16), ``make_scheduler(pipeline, sampler)``,
 ``size_multiple(pipeline)``, ``guidance_values(schedule, n, iteration)``.
 
 The loop follows diffusers' ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` step for step, so at a constant
@@ -38,6 +39,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 
 from .models import Pipeline
+from .prompt_encoding import check_clip_skip, text_conditioning
 from .progress import CancelFlag, ProgressCallback, ProgressEvent, check_cancel, report
 from .vae import decode as vae_decode
 
@@ -156,41 +158,19 @@ def make_scheduler(pipeline: Pipeline, sampler: str) -> Any:
 # ------------------------------------------------------------------------------------------------- text encoding
 
 
-def _encoder_hidden_states(text_encoder: Any, tokenizer: Any, prompts: list[str], device: torch.device,
-                           penultimate: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Token embeddings of one CLIP encoder (last or penultimate layer) and its projected pooled output if any."""
-    ids = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(device)
-    if penultimate:
-        out = text_encoder(ids, output_hidden_states=True)
-        pooled = out[0] if out[0].ndim == 2 else None
-        return out.hidden_states[-2], pooled
-    mask = None
-    if getattr(text_encoder.config, "use_attention_mask", False):
-        mask = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").attention_mask.to(device)
-    return text_encoder(ids, attention_mask=mask)[0], None
-
-
-def encode_prompts(pipeline: Pipeline, prompts: Union[str, Sequence[str]]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def encode_prompts(pipeline: Pipeline, prompts: Union[str, Sequence[str]],
+                   clip_skip: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Encode prompts as the UNet's cross-attention input; returns ``(prompt_embeds, pooled_or_None)``.
 
-    SD1.x/SD2.x/toy: ``prompt_embeds`` [N, L, D] is the text encoder's last hidden state and the second item is None.
-    SDXL: ``prompt_embeds`` [N, 77, 768 + 1280] concatenates both encoders' penultimate hidden states and the second
-    item is text_encoder_2's pooled, projected embedding [N, 1280] (the UNet's ``text_embeds``). Both are on
-    ``pipeline.device`` in ``pipeline.dtype``; the text is encoded literally ("" is encoded, never zeroed).
+    :func:`text_conditioning` without gradients, on ``pipeline.device`` in ``pipeline.dtype``. SD1.x/SD2.x/toy:
+    ``prompt_embeds`` [N, L, D] and None. SDXL: [N, 77, 768 + 1280] and text_encoder_2's pooled, projected embedding
+    [N, 1280] (the UNet's ``text_embeds``). The text is encoded literally ("" is encoded, never zeroed).
     """
     prompts = _as_list(prompts, "prompts")
     device, dtype = pipeline.device, pipeline.dtype
     with torch.no_grad():
-        if not pipeline.is_sdxl:
-            embeds, _ = _encoder_hidden_states(pipeline.text_encoder, pipeline.tokenizer, prompts, device, False)
-            return embeds.to(device=device, dtype=dtype), None
-        first, _ = _encoder_hidden_states(pipeline.text_encoder, pipeline.tokenizer, prompts, device, True)
-        second, pooled = _encoder_hidden_states(pipeline.text_encoder_2, pipeline.tokenizer_2, prompts, device, True)
-        embeds = torch.concat([first, second], dim=-1)
-        return embeds.to(device=device, dtype=dtype), pooled.to(device=device, dtype=dtype)
+        embeds, pooled = text_conditioning(pipeline, prompts, pipeline.is_sdxl, clip_skip, device)
+    return embeds.to(device=device, dtype=dtype), (None if pooled is None else pooled.to(device=device, dtype=dtype))
 
 
 @dataclass
@@ -212,17 +192,19 @@ class _Conditioning:
                              join(first.time_ids, second.time_ids))
 
 
-def _encode_unique(pipeline: Pipeline, texts: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _encode_unique(pipeline: Pipeline, texts: list[str],
+                   clip_skip: Optional[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """encode_prompts on the distinct texts only, expanded back to one row per text."""
     unique = list(dict.fromkeys(texts))
-    embeds, pooled = encode_prompts(pipeline, unique)
+    embeds, pooled = encode_prompts(pipeline, unique, clip_skip)
     index = torch.tensor([unique.index(t) for t in texts], device=embeds.device)
     return embeds[index], (None if pooled is None else pooled[index])
 
 
-def _conditioning(pipeline: Pipeline, texts: list[str], width: int, height: int, zero_empty: bool) -> _Conditioning:
+def _conditioning(pipeline: Pipeline, texts: list[str], width: int, height: int, zero_empty: bool,
+                  clip_skip: Optional[int] = None) -> _Conditioning:
     """Encode ``texts``; with ``zero_empty`` (SDXL's force_zeros_for_empty_prompt) rows for "" become zeros."""
-    embeds, pooled = _encode_unique(pipeline, texts)
+    embeds, pooled = _encode_unique(pipeline, texts, clip_skip)
     if zero_empty:
         keep = torch.tensor([t != "" for t in texts], device=embeds.device, dtype=embeds.dtype)
         embeds = embeds * keep[:, None, None]
@@ -305,6 +287,7 @@ def generate_batches(
     iteration: int = 0,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelFlag] = None,
+    clip_skip: Optional[int] = None,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """:func:`generate`, streamed: yields ``(indices into prompts, float32 CPU images [b, H, W, 3] in [0, 1])`` per batch.
 
@@ -331,6 +314,7 @@ def generate_batches(
     if not isinstance(lora_scale, (int, float)) or not math.isfinite(lora_scale):
         raise ValueError(f"lora_scale={lora_scale!r} must be a finite number")
     seed_list = _seed_list(seeds, n)
+    check_clip_skip(clip_skip, pipeline.is_sdxl, pipeline.text_encoder)
     width, height = _check_size(pipeline, width, height)
     first_scheduler = make_scheduler(pipeline, sampler)  # validates the sampler name; used by the first batch
     first_scheduler.set_timesteps(steps, device=pipeline.device)
@@ -342,7 +326,7 @@ def generate_batches(
     else:
         lora_context = nullcontext()
     job = _Job(pipeline, prompt_list, negatives, seed_list, steps, sampler, width, height, batch_size, scales,
-               progress, cancel)
+               progress, cancel, clip_skip)
     return _run_batches(job, first_scheduler, lora_context)
 
 
@@ -362,6 +346,7 @@ class _Job:
     scales: list[float]
     progress: Optional[ProgressCallback]
     cancel: Optional[CancelFlag]
+    clip_skip: Optional[int] = None
 
 
 @torch.no_grad()
@@ -379,11 +364,12 @@ def _run_batches(job: _Job, first_scheduler: Any, lora_context: Any) -> Iterator
                     scheduler.set_timesteps(job.steps, device=pipeline.device)
                 if hasattr(scheduler, "set_begin_index"):
                     scheduler.set_begin_index(0)
-                cond = _conditioning(pipeline, [job.prompts[i] for i in chunk], job.width, job.height, zero_empty=False)
+                cond = _conditioning(pipeline, [job.prompts[i] for i in chunk], job.width, job.height, zero_empty=False,
+                                    clip_skip=job.clip_skip)
                 both = None
                 if any(w != 1.0 for w in scales):
                     uncond = _conditioning(pipeline, [job.negatives[i] for i in chunk], job.width, job.height,
-                                           pipeline.force_zeros_for_empty_prompt)
+                                           pipeline.force_zeros_for_empty_prompt, job.clip_skip)
                     both = _Conditioning.cat(uncond, cond)
                 generators = [torch.Generator("cpu").manual_seed(job.seeds[i]) for i in chunk]
                 latents = _initial_latents(pipeline, scheduler, generators, job.width, job.height)
@@ -425,12 +411,14 @@ def generate(
     iteration: int = 0,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelFlag] = None,
+    clip_skip: Optional[int] = None,
 ) -> torch.Tensor:
     """Text-to-image with a per-step guidance schedule; float32 CPU [N, H, W, 3] in [0, 1].
 
     Image i uses ``torch.Generator("cpu").manual_seed(seed_i)`` for its initial noise and any sampler noise, so it
     does not depend on ``batch_size`` or on the other prompts. ``negative_prompt`` is one string for all prompts or
     one per prompt. ``lora`` (a ``lora.LoraWeights``) is applied at ``lora_scale`` for the call and removed after.
+    ``clip_skip`` picks the text encoder's layer as training does (:mod:`redifine_core.prompt_encoding`).
     One ``ProgressEvent(phase="sample")`` is sent per model evaluation; ``cancel`` is checked before each.
     The result is filled batch by batch from :func:`generate_batches` (no second copy of the set); to write images
     out without holding them all, use :func:`generate_batches` directly.
@@ -438,7 +426,7 @@ def generate(
     batches = generate_batches(
         pipeline, prompts, schedule, steps, seeds, negative_prompt=negative_prompt, sampler=sampler, width=width,
         height=height, batch_size=batch_size, lora=lora, lora_scale=lora_scale, iteration=iteration,
-        progress=progress, cancel=cancel,
+        progress=progress, cancel=cancel, clip_skip=clip_skip,
     )
     n = len(_as_list(prompts, "prompts"))
     out: Optional[torch.Tensor] = None

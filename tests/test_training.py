@@ -206,10 +206,11 @@ def test_warmup_grad_accum_and_v_prediction(pipe, ds):
     with torch.enable_grad(), LoraTrainer(pipe, ds, cfg) as tr:
         lrs = []
         for _ in range(4):
+            lrs.append(tr.optimizer.param_groups[0]["lr"])  # the rate this step uses
             tr.step()
-            lrs.append(tr.optimizer.param_groups[0]["lr"])
         assert [len(m) for m in tr.drop_masks] == [2] * 4
-    assert lrs == pytest.approx([1e-3, 2e-3, 3e-3, 3e-3])
+    assert cfg.lr_scheduler == "constant_with_warmup"
+    assert lrs == pytest.approx([0.0, 1e-3, 2e-3, 3e-3])  # diffusers' warm-up: 0 at the first step, as sd-scripts
     assert not hasattr(pipe.unet, "peft_config")
 
 

@@ -4,7 +4,10 @@
     PrecisionRecipe, resolve_precision                    precision.py   (autocast dtype and loss scaling)
     LatentCache, TextCache, ResizedImages                 caches.py      (what a step reads, prepared once)
     BorrowedPipeline                                      borrow.py      (what training changes on the pipeline, put back)
-    LoraTrainer, finetune_lora, noisy_and_target          trainer.py     (the step loop)
+    noisy_and_target, diffusion_loss                      objective.py   (the target and the min-SNR weighted loss)
+    OPTIMIZERS, LR_SCHEDULERS                             optim.py       (optimizers and diffusers' schedules by name)
+    training_metadata                                     metadata.py    (the recipe as sd-scripts' ss_* keys)
+    LoraTrainer, finetune_lora                            trainer.py     (the step loop)
 
     finetune_lora(pipeline, dataset, config, progress=None, cancel=None, init_lora=None) -> TrainResult
 """
@@ -12,11 +15,15 @@
 from .borrow import BorrowedPipeline
 from .caches import LatentCache, ResizedImages, TextCache, _resize_short_side, _to_pixels
 from .config import MIXED_PRECISION, TARGETS, TrainConfig, TrainResult
+from .metadata import training_metadata
+from .objective import diffusion_loss, noisy_and_target
+from .optim import LR_SCHEDULERS, OPTIMIZERS
 from .precision import PrecisionRecipe, resolve_precision
-from .trainer import LoraTrainer, finetune_lora, noisy_and_target
+from .trainer import LoraTrainer, finetune_lora
 
 __all__ = [
     "MIXED_PRECISION", "TARGETS", "TrainConfig", "TrainResult", "PrecisionRecipe", "resolve_precision",
     "LatentCache", "BorrowedPipeline", "ResizedImages", "TextCache", "LoraTrainer", "finetune_lora", "noisy_and_target",
+    "diffusion_loss", "OPTIMIZERS", "LR_SCHEDULERS", "training_metadata",
     "_resize_short_side", "_to_pixels",
 ]

@@ -17,8 +17,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from ..prompt_encoding import text_conditioning
 from ..vae import encode_moments
-from .borrow import module_device
 
 ENCODE_BATCH = 4  # images per VAE encode call while caching
 
@@ -146,11 +146,13 @@ class LatentCache:
 
 
 class TextEncoder:
-    """Prompt embeddings [B, 77, D] (and SDXL pooled embeddings [B, P]) from the pipeline's text encoder(s)."""
+    """Prompt embeddings [B, 77, D] (and SDXL pooled embeddings [B, P]) from the pipeline's text encoder(s), through
+    :func:`redifine_core.prompt_encoding.text_conditioning`, the encoder sampling uses (``clip_skip`` included)."""
 
-    def __init__(self, pipeline: Any, sdxl: bool) -> None:
+    def __init__(self, pipeline: Any, sdxl: bool, clip_skip: Optional[int] = None) -> None:
         self.pipeline = pipeline
         self.sdxl = sdxl
+        self.clip_skip = clip_skip
 
     def parts(self) -> list[tuple[str, Any, Any]]:
         """(name, encoder, tokenizer) of every text encoder."""
@@ -160,20 +162,8 @@ class TextEncoder:
             parts.append(("text_encoder_2", p.text_encoder_2, p.tokenizer_2))
         return parts
 
-    def _ids(self, tokenizer: Any, texts: list[str], device: torch.device) -> torch.Tensor:
-        return tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids.to(device)
-
     def __call__(self, texts: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        if not self.sdxl:
-            te, tok = self.pipeline.text_encoder, self.pipeline.tokenizer
-            return te(self._ids(tok, texts, module_device(te)))[0], None
-        embeds, pooled = [], None
-        for _, te, tok in self.parts():
-            out = te(self._ids(tok, texts, module_device(te)), output_hidden_states=True)
-            embeds.append(out.hidden_states[-2])
-            pooled = out[0]  # text_embeds of the projection model (the last encoder)
-        return torch.cat(embeds, dim=-1), pooled
+        return text_conditioning(self.pipeline, list(texts), self.sdxl, self.clip_skip)
 
 
 class TextCache:

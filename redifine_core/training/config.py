@@ -13,6 +13,7 @@ import numpy as np
 
 from ..bounds import BOUNDS
 from ..lora import TARGET_GROUPS, LoraWeights
+from .optim import LR_SCHEDULERS, OPTIMIZERS, missing_optimizer_package
 
 TARGETS: tuple[str, ...] = ("attention", "feedforward", "resnet", "text_encoder")
 # "auto" follows the frozen weights' dtype (see precision.py); "no"/"fp16"/"bf16" choose autocast for fp32 weights.
@@ -25,6 +26,13 @@ _INTS = {
     "batch_size": ("batch_size", "an integer >= 1"),
     "grad_accum": ("grad_accum", "an integer >= 1"),
     "warmup_steps": ("warmup_steps", "an integer >= 0"),
+}
+# optional fields: None = the documented default
+_OPTIONAL = {
+    "unet_lr": ("learning_rate", "None (= learning_rate) or a finite number > 0"),
+    "text_encoder_lr": ("learning_rate", "None (= learning_rate) or a finite number > 0"),
+    "min_snr_gamma": ("min_snr_gamma", "None or 0 (off) or a finite number > 0"),
+    "clip_skip": ("clip_skip", "None (the model's own layer) or an integer >= 1 (1 = last layer, 2 = penultimate)"),
 }
 _FLOATS = {
     "learning_rate": ("learning_rate", "a finite number > 0"),
@@ -56,6 +64,11 @@ class TrainConfig:
     bf16 autocast; fp32: plain fp32); for fp32 weights "fp16"/"bf16" turn on autocast, "no" is plain fp32. Half
     weights always train with their own recipe whatever this says (see :mod:`.precision`).
     ``gradient_checkpointing``: None (default) = on for SDXL, off otherwise.
+    ``unet_lr`` / ``text_encoder_lr``: None (default) = ``learning_rate``; ``text_encoder_lr`` needs "text_encoder"
+    in ``target``. ``lr_scheduler``: one of :data:`~.optim.LR_SCHEDULERS`; None (default) = "constant_with_warmup"
+    when ``warmup_steps`` > 0, else "constant". ``optimizer``: one of :data:`~.optim.OPTIMIZERS` (default "adamw").
+    ``min_snr_gamma``: None or 0 (default, off) or gamma of min-SNR loss weighting. ``clip_skip``: None (default, the
+    model's own layer), 1 = last CLIP layer, 2 = penultimate (SDXL: None or 2; :mod:`redifine_core.prompt_encoding`).
     """
 
     steps: int = 200
@@ -77,6 +90,12 @@ class TrainConfig:
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0  # 0 = no clipping
     cache_latents: bool = True  # False: encode images every step (random crop always does)
+    unet_lr: Optional[float] = None
+    text_encoder_lr: Optional[float] = None
+    lr_scheduler: Optional[str] = None
+    optimizer: str = "adamw"
+    min_snr_gamma: Optional[float] = None
+    clip_skip: Optional[int] = None
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -106,6 +125,30 @@ class TrainConfig:
         if self.mixed_precision not in MIXED_PRECISION:
             raise bad("mixed_precision", f"one of {MIXED_PRECISION}")
         self._check_target()
+        self._check_recipe(bad)
+
+    def _check_recipe(self, bad: Any) -> None:
+        for name, (key, allowed) in _OPTIONAL.items():
+            v = getattr(self, name)
+            if v is not None and not ((_is_int(v) if BOUNDS[key].integer else _is_num(v)) and BOUNDS[key].contains(v)):
+                raise bad(name, f"{allowed}, {_at_most(key)}")
+        if self.min_snr_gamma == 0:
+            object.__setattr__(self, "min_snr_gamma", None)
+        if self.text_encoder_lr is not None and not self.trains_text_encoder:
+            raise bad("text_encoder_lr", "None unless target includes 'text_encoder' (the text encoders train "
+                                         "only then)")
+        if self.lr_scheduler is None:
+            object.__setattr__(self, "lr_scheduler", "constant_with_warmup" if self.warmup_steps else "constant")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise bad("lr_scheduler", f"None or one of {LR_SCHEDULERS}")
+        if self.lr_scheduler == "constant" and self.warmup_steps:
+            raise bad("lr_scheduler", f"'constant_with_warmup' or 'cosine' when warmup_steps = {self.warmup_steps} "
+                                      "(or set warmup_steps = 0)")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", f"one of {OPTIMIZERS}")
+        missing = missing_optimizer_package(self.optimizer)
+        if missing:
+            raise ValueError(f"TrainConfig.optimizer = {self.optimizer!r}: {missing}")
 
     def _check_target(self) -> None:
         target = (self.target,) if isinstance(self.target, str) else self.target
@@ -133,6 +176,14 @@ class TrainConfig:
     @property
     def trains_text_encoder(self) -> bool:
         return "text_encoder" in self.target
+
+    @property
+    def unet_learning_rate(self) -> float:
+        return self.unet_lr if self.unet_lr is not None else self.learning_rate
+
+    @property
+    def text_encoder_learning_rate(self) -> float:
+        return self.text_encoder_lr if self.text_encoder_lr is not None else self.learning_rate
 
     def checkpointing_for(self, sdxl: bool) -> bool:
         """Whether gradient checkpointing runs for this model: the explicit setting, else on for SDXL."""

@@ -5,7 +5,9 @@ distribution (cached moments of the center crop, or a fresh encode of a random c
 UNet's space (``vae.scale_latents``: ``latents_mean``/``latents_std`` when the VAE config has them), add DDPM noise at
 uniform timesteps (optional noise offset), look up the caption embeddings (``""`` for dropped captions), predict with
 the UNet under the precision recipe's autocast (:mod:`.precision`), MSE against the noise (or ``get_velocity`` for
-v-prediction), backward through the gradient scaler when the recipe has one, clip at ``max_grad_norm``, AdamW. SDXL
+v-prediction; min-SNR weighting with ``min_snr_gamma``: :mod:`.objective`), backward through the gradient scaler
+when the recipe has one, clip at ``max_grad_norm``, step the optimizer and diffusers' learning-rate schedule
+(:mod:`.optim`; the UNet and the text encoders each with their own learning rate). SDXL
 gets ``time_ids`` = (original size, crop top-left, target size); a flipped sample reports the mirrored crop offset.
 
 We keep this loop instead of running the example because the example owns its process (``accelerate launch``, its own
@@ -23,8 +25,9 @@ What differs from the example:
 * The trained modules are in train mode while training, as in the example: transformers' text encoders only
   checkpoint in train mode (and diffusers UNets before 0.32 did too). SD's UNet and CLIP have no active dropout, so
   results equal eval mode's.
-* Text embeddings are cached once per run unless the text encoders train; learning rate: linear warm-up then constant
-  (step k uses lr * min(1, (k+1)/warmup_steps)); gradient accumulation over ``grad_accum`` micro-batches.
+* Text embeddings are cached once per run unless the text encoders train (prompts are encoded by the function
+  sampling uses, :mod:`redifine_core.prompt_encoding`, CLIP skip included); gradient accumulation over
+  ``grad_accum`` micro-batches.
 
 Data parallel (``processes``: a :class:`redifine_core.distributed.Processes` of several ranks): every process
 draws the whole global micro-batch's random values from the same generators (so condition drop, noise, timesteps
@@ -42,30 +45,21 @@ bit-identical run to run, while fp32 runs differed by up to ~1e-4 (non-determini
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..data import CaptionedImages
-from ..lora import (
-    TEXT_ENCODER_TARGETS,
-    LoraWeights,
-    add_lora_adapter,
-    remove_lora_adapters,
-    set_lora_state,
-    te_from_canonical,
-    te_to_canonical,
-)
+from ..lora import (TEXT_ENCODER_TARGETS, LoraWeights, add_lora_adapter, remove_lora_adapters, set_lora_state,
+                    te_from_canonical, te_to_canonical)
 from ..progress import CancelFlag, ProgressCallback, ProgressEvent, check_cancel, report
+from ..prompt_encoding import check_clip_skip
 from ..vae import encode_moments, scale_latents
 from .borrow import (
     BorrowedPipeline,
-    base_model_version,
     default_size,
     empty_cuda_cache,
     force_zeros_for_empty_prompt,
@@ -76,20 +70,12 @@ from .borrow import (
 )
 from .caches import LatentCache, ResizedImages, TextCache, TextEncoder, mirrored_left, uint8_to_pixels
 from .config import TrainConfig, TrainResult
+from .metadata import training_metadata
+from .objective import diffusion_loss, noisy_and_target
+from .optim import make_lr_schedule, make_optimizer
 from .precision import resolve_precision
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def noisy_and_target(alphas_cumprod: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                     prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The DDPM forward process and the regression target: (``add_noise``, noise or ``get_velocity``)."""
-    acp = alphas_cumprod[t].view(-1, *([1] * (latents.ndim - 1)))
-    sqrt_a, sqrt_1ma = acp.sqrt(), (1.0 - acp).sqrt()
-    noisy = sqrt_a * latents + sqrt_1ma * noise
-    if prediction_type == "epsilon":
-        return noisy, noise
-    return noisy, sqrt_a * noise - sqrt_1ma * latents
 
 
 def _seeds(seed: int, n: int) -> list[int]:
@@ -136,6 +122,7 @@ class LoraTrainer:
         self.random_crop = not config.center_crop
         self.cache_latents = config.cache_latents and not self.random_crop
         self.train_te = config.trains_text_encoder
+        check_clip_skip(config.clip_skip, self.sdxl, pipeline.text_encoder)
         self.step_count = 0
         self.drop_masks: list[list[bool]] = []
         self.sample_indices: list[list[int]] = []
@@ -187,7 +174,7 @@ class LoraTrainer:
     def _setup(self) -> None:
         p, c = self.pipeline, self.config
         unet = p.unet
-        self.text_encoder = TextEncoder(p, self.sdxl)
+        self.text_encoder = TextEncoder(p, self.sdxl, c.clip_skip)
         self.borrowed = BorrowedPipeline({"unet": unet, **{n: te for n, te, _ in self._text_parts()}})
         trained = [unet] + ([te for _, te, _ in self._text_parts()] if self.train_te else [])
 
@@ -227,22 +214,25 @@ class LoraTrainer:
                 for name, te, _ in self._text_parts():
                     sd = getattr(self.init_lora, name)
                     set_lora_state(te, {te_from_canonical(k, te): v for k, v in sd.items()}, name)
-        self.params: list[torch.nn.Parameter] = []
+        unet_params: list[torch.nn.Parameter] = []
+        te_params: list[torch.nn.Parameter] = []
         for m in trained:
             for n, prm in m.named_parameters():
+                prm.requires_grad_(".lora_" in n)
                 if ".lora_" in n:
-                    prm.data = prm.data.float()  # LoRA weights, their gradients and AdamW's state: float32
-                    prm.requires_grad_(True)
-                    self.params.append(prm)
-                else:
-                    prm.requires_grad_(False)
+                    prm.data = prm.data.float()  # LoRA weights, their gradients and the optimizer's state: float32
+                    (unet_params if m is unet else te_params).append(prm)
+        self.params = unet_params + te_params
+        groups = [{"params": unet_params, "lr": c.unet_learning_rate}]
+        groups += [{"params": te_params, "lr": c.text_encoder_learning_rate}] if te_params else []
         if self.checkpointing:
             self.borrowed.checkpoint_unet(unet)
             for te in trained[1:]:
                 self.borrowed.checkpoint_text_encoder(te)
         for m in trained:
             self.borrowed.train_mode(m)
-        self.optimizer = torch.optim.AdamW(self.params, lr=c.learning_rate, weight_decay=c.weight_decay)
+        self.optimizer = make_optimizer(c.optimizer, groups, c.weight_decay)
+        self.lr_schedule = make_lr_schedule(c.lr_scheduler, self.optimizer, c.warmup_steps, c.steps)
         self.scaler = self.precision.make_scaler()
 
     # ----------------------------------------------------------------------------------------------- stepping
@@ -252,10 +242,6 @@ class LoraTrainer:
             self._queue.extend(torch.randperm(len(self.dataset), generator=self.g_index).tolist())
         out, self._queue = self._queue[:n], self._queue[n:]
         return out
-
-    def _lr(self, k: int) -> float:
-        w = self.config.warmup_steps
-        return self.config.learning_rate * (min(1.0, (k + 1) / w) if w > 0 else 1.0)
 
     def _encode_crops(self, idx: list[int], flip: torch.Tensor,
                       share: slice) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -331,7 +317,7 @@ class LoraTrainer:
         with self.precision.autocast():
             pred = self.pipeline.unet(noisy.to(udt), t, encoder_hidden_states=enc.to(udt), added_cond_kwargs=added,
                                       return_dict=False)[0]
-        loss = F.mse_loss(pred.float(), target.float())
+        loss = diffusion_loss(pred, target, t, self.noise_scheduler, self.prediction_type, c.min_snr_gamma)
         return loss, all_idx, all_drop
 
     def _orig_size(self, i: int) -> tuple[int, int]:
@@ -343,8 +329,6 @@ class LoraTrainer:
         if self._closed:
             raise RuntimeError("LoraTrainer.step called after close()")
         c = self.config
-        for g in self.optimizer.param_groups:
-            g["lr"] = self._lr(self.step_count)
         total, drops, indices = 0.0, [], []
         for _ in range(c.grad_accum):
             loss, idx, drop = self._micro_batch()
@@ -364,6 +348,7 @@ class LoraTrainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        self.lr_schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
         self.drop_masks.append(drops)
@@ -401,37 +386,7 @@ class LoraTrainer:
             for name, te, _ in self._text_parts():
                 te_sds[name] = {te_to_canonical(k, te): v.detach().float().cpu().clone()
                                 for k, v in get_peft_model_state_dict(te).items()}
-        md = {
-            "ss_network_module": "networks.lora",
-            "ss_network_dim": str(c.rank),
-            "ss_network_alpha": str(c.alpha),
-            "ss_network_args": json.dumps({"target": list(c.target)}),
-            "ss_base_model_version": base_model_version(self.pipeline),
-            "ss_v2": str(getattr(self.pipeline, "kind", "") == "sd2"),
-            "ss_caption_dropout_rate": str(c.cond_drop),
-            "ss_steps": str(self.step_count),
-            "ss_max_train_steps": str(c.steps),
-            "ss_learning_rate": str(c.learning_rate),
-            "ss_lr_warmup_steps": str(c.warmup_steps),
-            "ss_lr_scheduler": "constant_with_warmup" if c.warmup_steps else "constant",
-            "ss_optimizer": "torch.optim.AdamW",
-            "ss_resolution": f"({self.resolution}, {self.resolution})",
-            "ss_batch_size_per_device": str(c.batch_size),
-            "ss_gradient_accumulation_steps": str(c.grad_accum),
-            "ss_gradient_checkpointing": str(self.checkpointing),
-            "ss_mixed_precision": self.precision.name,
-            "ss_noise_offset": str(c.noise_offset),
-            "ss_flip_aug": str(c.random_flip),
-            "ss_random_crop": str(not c.center_crop),
-            "ss_cache_latents": str(self.cache_latents),
-            "ss_num_train_images": str(len(self.dataset)),
-            "ss_seed": str(c.seed),
-            "ss_max_grad_norm": str(c.max_grad_norm),
-            "ss_training_comment": "trained by ComfyUI-ReDiFine (condition-drop LoRA finetuning)",
-            "redifine_train_config": json.dumps(c.to_dict(), sort_keys=True),
-            "redifine_prediction_type": self.prediction_type,
-            "redifine_weight_dtype": str(self.unet_dtype).replace("torch.", ""),
-        }
+        md = training_metadata(self)
         if metadata:
             md.update({str(k): str(v) for k, v in metadata.items()})
         return LoraWeights(unet=unet_sd, text_encoder=te_sds["text_encoder"], text_encoder_2=te_sds["text_encoder_2"],
@@ -447,7 +402,7 @@ class LoraTrainer:
         self._injected = []
         if self.borrowed is not None:
             self.borrowed.restore()
-        self.optimizer = None  # type: ignore[assignment]
+        self.optimizer = self.lr_schedule = None  # type: ignore[assignment]
         self.latents = self.images = self.text_cache = None
         empty_cuda_cache(self.device)
 
