@@ -412,3 +412,18 @@ def test_scales_above_the_documented_cfg_bound_are_refused(spec):
 def test_values_refuses_step_counts_outside_the_bounds(steps):
     with pytest.raises(ValueError, match=r"steps=.* must be an integer in \[1, 10000\]"):
         parse_schedule("7.5").values(steps)
+
+
+def test_the_preset_value_table_of_the_docs_is_what_the_code_computes():
+    """docs/schedules.md's table of every reading at W = 7.5: per-step rows give 6 steps, chain rows iterations 0-5."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "schedules.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `(redifine_\w+)`[^|]*, (steps|iterations) \| `([^`]+)` \|(.*)\|$", text, re.M)
+    assert sorted(r[0] for r in rows) == sorted(n for n in PRESETS if n != "redifine")
+    for name, axis, spec, cells in rows:
+        s = parse_schedule(name)
+        assert s.spec == spec
+        got = s.values(6) if axis == "steps" else [s.values(1, iteration=i)[0] for i in range(6)]
+        assert [float(c) for c in cells.split("|")] == [round(v, 3) for v in got], name
