@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from redifine_core.chain import PROTOCOLS, RunFolder, parse_method_line, parse_methods  # noqa: F401 (re-exported)
-from redifine_core.report_answer import plain_answer
+from redifine_core.report_answer import plain_answer, with_lane_readings
 
 from . import _comfy
 from .common import (CATEGORY, ComfyCancel, ProgressAdapter, comfy_cancellation, name_error, path_inside,
@@ -24,9 +24,10 @@ def run_directory(run_name: str) -> str:
 
 
 def final_verdicts(run_dir: str) -> list[str]:
-    """'method (seed S), iteration i: label - reasons' for the last finished iteration of every method and seed."""
+    """'method (seed S), iteration i: label - reasons' for the last finished iteration of every method and seed, as
+    its lane reads it (an established drift holds until its intervals show a recovery)."""
     out = []
-    for r in RunFolder(run_dir).read().last_done():
+    for r in with_lane_readings(RunFolder(run_dir).read()).last_done():
         v = r.verdict or {}
         reasons = "; ".join(str(x) for x in v.get("reasons") or [])
         out.append(f"{r.method} (seed {r.seed}), iteration {r.iteration}: {v.get('label', '?')}"

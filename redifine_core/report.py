@@ -23,7 +23,8 @@ from typing import Iterable, Optional, Union
 from . import atomic
 from .chain.run_folder import IterationRecord, RunData, RunFolder
 from .metrics import describe_feature_set
-from .report_answer import VERDICT_COLOURS, plain_answer, verdict_table_html  # noqa: F401 (VERDICT_COLOURS: public)
+from .report_answer import (VERDICT_COLOURS, plain_answer, verdict_table_html,  # noqa: F401 (VERDICT_COLOURS: public)
+                            with_lane_readings)
 from .report_images import (  # noqa: F401 (re-exported: the report's pictures are part of its API)
     CURVES, GRID_ROWS, HEADER, PAD, ROW_LABEL_W, TILE, grid_seed, image_grid, method_grid, plot_curves, plot_losses,
     plot_schedule)
@@ -60,6 +61,8 @@ def _metric_columns(records: Iterable[IterationRecord]) -> list[str]:
 
 
 def metrics_csv_text(data: RunData) -> str:
+    """metrics.csv: one row per record; ``verdict`` and ``reasons`` are the lane's reading (report_answer)."""
+    data = with_lane_readings(data)
     cols = _metric_columns(data.records)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")

@@ -13,10 +13,10 @@ Chain node outputs it.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import math
 import statistics
-from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -24,6 +24,7 @@ from .chain.run_folder import IterationRecord, RunData, RunFolder
 from .guidance import parse_schedule
 from .metrics.features import describe_feature_set
 from .metrics.intervals import INTERVAL_LEVEL, read_interval
+from .metrics.lanes import lane_readings, method_reading
 from .metrics.verdict import (BLUR, CLIPPED_RISE, COLOURFULNESS_RISE, DRIFT, INCONCLUSIVE, OVER, SATURATION_RISE,
                               SHARP_RISE, SLOPE_STEEPER, STABLE, VERDICTS)
 
@@ -147,12 +148,8 @@ def _method_sentence(data: RunData, method: str, spec: dict) -> tuple[str, Optio
     ci = lambda k: _interval(k, first_rec, last_rec, seeds) if seeds and last > 0 else None  # noqa: E731
     fid0 = _mean([r.metrics.get("fid_ref") for r in at[0] if r.seed in seeds])
     fid = _mean([r.metrics.get("fid_ref") for r in at[last] if r.seed in seeds])
-    labels = [str((r.verdict or {}).get("label", "")) for r in at[last]]
-    label, votes = Counter(labels).most_common(1)[0] if labels else ("", 0)
-    others = Counter(x for x in labels if x != label)
-    seeds_note = (f" in {votes} of {len(labels)} seeds ("
-                  + "; ".join(f"{n} seed{'s' if n > 1 else ''}: {x or 'no verdict'}" for x, n in others.most_common())
-                  + ")") if others else ""
+    label, note, split = method_reading([str((r.verdict or {}).get("label", "")) for r in at[last]])
+    seeds_note = f" {note}" if note and not split else ""
     moves = {k: _rel(mean[0][k], mean[last][k]) for k in _DRIFT_STATS}
     top = max((k for k in moves if moves[k] is not None), key=lambda k: abs(moves[k]), default=None)
     biggest = None if top is None else abs(moves[top])
@@ -177,7 +174,7 @@ def _method_sentence(data: RunData, method: str, spec: dict) -> tuple[str, Optio
                 f"{last}, first flagged in round {first}{moved}.")
     elif label == INCONCLUSIVE:
         reasons = [str(x) for r in at[last] for x in (r.verdict or {}).get("reasons", [])[:1]]
-        why = reasons[0] if reasons else "no reason recorded"
+        why = f"its seeds split ({note})" if split else reasons[0] if reasons else "no reason recorded"
         text = f"{name} gave no clear reading at round {last}{seeds_note}: {why}."
     elif label == STABLE:
         largest = (f" (largest change: {STAT_NAMES[top]} {moves[top]:+.0%}{_pct_interval(ci(top))})"
@@ -189,9 +186,24 @@ def _method_sentence(data: RunData, method: str, spec: dict) -> tuple[str, Optio
     return text, fid, biggest
 
 
+def with_lane_readings(data: RunData) -> RunData:
+    """``data`` with each record's verdict replaced by its lane's reading (metrics.lanes.lane_readings: an established
+    drift holds until its metrics' intervals show a recovery). Applying it twice gives the same data."""
+    records = []
+    for r in data.records:
+        lane = sorted((x for x in data.records if (x.method, x.seed) == (r.method, r.seed) and x.verdict),
+                      key=lambda x: x.iteration)
+        if not r.verdict or not lane or lane[0].iteration != 0:
+            records.append(r)
+            continue
+        readings = lane_readings([(x.iteration, x.metrics, x.verdict) for x in lane], lane[0].metrics)
+        records.append(dataclasses.replace(r, verdict=readings[[x.iteration for x in lane].index(r.iteration)]))
+    return dataclasses.replace(data, records=records)
+
+
 def plain_answer(run: Union[str, Path, RunData]) -> str:
     """A few plain sentences answering "what happened to each method?", from the run's own numbers, one per line."""
-    data = run if isinstance(run, RunData) else RunFolder(run).read()
+    data = with_lane_readings(run if isinstance(run, RunData) else RunFolder(run).read())
     specs = _method_specs(data)
     done = [r for r in data.records if r.done]
     if not data.methods or not done:
@@ -243,6 +255,7 @@ def verdict_span(label: str, reasons: Sequence[str]) -> str:
 
 def verdict_table_html(data: RunData) -> str:
     """The verdict table: one row per method and seed, one cell per iteration with its label and reasons written out."""
+    data = with_lane_readings(data)
     n_it = data.max_iteration()
     head = "<tr><th>method</th><th>seed</th>" + "".join(f"<th>iter {i}</th>" for i in range(n_it)) + "</tr>"
     rows = []

@@ -48,6 +48,15 @@ FID_RISE = 0.3
 """fid_ref (FID against D0) rising by more than 30 % (relative) with no clear mode is "drifting from the data"."""
 MIN_IMAGES = 16
 """Below this many images per set any label is "inconclusive": draws of one unchanged distribution move too much."""
+MODE_THRESHOLDS = {
+    BLUR: {"hf_share": -BLUR_DROP, "laplacian_var": -BLUR_DROP, "spectral_slope": -SLOPE_STEEPER},
+    OVER: {"hf_share": SHARP_RISE, "laplacian_var": SHARP_RISE, "spectral_slope": SLOPE_FLATTER,
+           "saturation": SATURATION_RISE, "colourfulness": COLOURFULNESS_RISE, "clipped_fraction": CLIPPED_RISE},
+    DRIFT: {"fid_ref": FID_RISE},
+}
+"""The metrics that can carry each drift label and their signed thresholds (a fall is negative)."""
+ABSOLUTE_CHANGE = ("spectral_slope", "clipped_fraction")
+"""Metrics whose change is read as a difference; every other one relative to iteration 0."""
 
 
 @dataclass(frozen=True)
