@@ -113,7 +113,8 @@ class ReDiFineChain:
         "Metric curves along the chain, one line per method.",
         "The answer in plain sentences (what each method did over the rounds, from this run's numbers), then the "
         "verdict for the last iteration of each method and seed (stable / drifting to blur / drifting to "
-        "over-guidance / drifting from the data / inconclusive) with its reasons.",
+        "over-guidance / drifting from the data / inconclusive) with its reasons, each change with its 95 % "
+        "interval [low, high]; a change past its threshold whose interval includes 0 reads inconclusive.",
         "The run folder (inside ComfyUI's output folder) with report.html.",
     )
 
