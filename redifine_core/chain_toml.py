@@ -67,7 +67,7 @@ def toy_count(source: str, key: str = "dataset.source") -> int:
 
 
 def parse_chain_toml(path: str | os.PathLike) -> ChainJob:
-    """Read and validate a chain TOML (see examples/chain.toml); ValueError names the offending key.
+    """Read and validate a chain TOML (see example_configs/chain.toml); ValueError names the offending key.
 
     A path that is missing, a folder or unreadable raises FileNotFoundError / ValueError / PermissionError naming it.
     """

@@ -365,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "  accelerate launch --num_processes 4 -m redifine_core.cli chain CONFIG.toml --out RUN\n"
                 "(torchrun and srun work too). Every process claims one method and seed at a time through claim files\n"
                 "in RUN (a folder all of them see); the files are the same as from one process. See docs/scale.md.")
-    c.add_argument("config", help="the TOML file (see examples/chain.toml)")
+    c.add_argument("config", help="the TOML file (see example_configs/chain.toml)")
     c.add_argument("--out", required=True, help="the run folder (new, or an existing one with --resume)")
     c.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     c.add_argument("--overwrite", action="store_true", help="delete the previous run in --out and start again")

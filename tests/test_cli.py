@@ -107,7 +107,7 @@ def test_bad_config_exits_2_naming_the_key(edit, needle, tmp_path, capsys):
 
 
 def test_example_config_is_valid():
-    job = cli.parse_chain_toml(ROOT / "examples" / "chain.toml")
+    job = cli.parse_chain_toml(ROOT / "example_configs" / "chain.toml")
     names = [m.name for m in job.config.methods]
     assert len(names) >= 3 and {m.kind for m in job.config.methods} == {"baseline", "redifine", "custom"}
     assert job.pipeline_source == "toy" and job.dataset_source.startswith("toy:")

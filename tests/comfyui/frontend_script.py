@@ -2,7 +2,7 @@
 
     python frontend_script.py check   URL WORKFLOW_DIR SHOT_DIR   -> JSON report on stdout, screenshots in SHOT_DIR
     python frontend_script.py convert URL WORKFLOW_DIR             -> (maintainer tool) rebuild UI workflows from
-                                                                       workflows/api/*.api.json + notes.json
+                                                                       example_workflows/api/*.api.json + notes.json
 
 ``check`` loads every UI workflow the way a user's "Open" does (``app.loadGraphData``) and reports, per workflow, the
 node types the frontend does not know and every node's widget values by name, for the test to compare with the

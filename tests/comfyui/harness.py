@@ -1,7 +1,9 @@
 """Start a real ComfyUI server with this pack loaded, run API prompts, stop it. Used by the comfyui tests.
 
 The server gets its own temp tree (models, input, output, temp, user) and loads the pack through an
-``--extra-model-paths-config`` YAML whose ``custom_nodes`` entry holds a symlink to this repository.
+``--extra-model-paths-config`` YAML whose ``custom_nodes`` folder holds the pack the way a user installs it: a real
+``git clone`` of this repository (HEAD, with the working tree's uncommitted changes copied over it so the tests see
+what is being committed), or, for manual use while editing, a symlink to the repository.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Optional
 
 REPO = Path(__file__).resolve().parents[2]
 PACK_FOLDER = "ComfyUI-ReDiFine"
+WORKFLOW_DIR = REPO / "example_workflows"
+"""The UI workflows ComfyUI serves as templates; their API twins (what the tests run) are in its ``api/`` folder."""
 
 
 def comfyui_root() -> Path:
@@ -56,7 +60,7 @@ def free_port() -> int:
 
 class ComfyServer:
     def __init__(self, extra_packs: dict[str, Path] | None = None, workdir: Path | None = None,
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), install: str = "clone"):
         self.root = comfyui_root()
         self.extra_args = tuple(extra_args)  # more ComfyUI flags, e.g. ("--bf16-unet",)
         self.tmp = Path(workdir or tempfile.mkdtemp(prefix="redifine_comfy_"))
@@ -67,7 +71,14 @@ class ComfyServer:
         for d in ("custom_nodes", "models/checkpoints", "models/loras", "models/diffusers", "input", "output",
                   "temp", "user"):
             (self.tmp / d).mkdir(parents=True, exist_ok=True)
-        links = {PACK_FOLDER: REPO, **self.extra_packs}
+        if install not in ("clone", "symlink"):
+            raise ValueError(f"install must be 'clone' or 'symlink', got {install!r}")
+        self.pack = self.tmp / "custom_nodes" / PACK_FOLDER
+        links = dict(self.extra_packs)
+        if install == "symlink":
+            links[PACK_FOLDER] = REPO
+        elif not self.pack.exists():
+            clone_pack(self.pack)
         for name, target in links.items():
             link = self.tmp / "custom_nodes" / name
             if not link.exists():
@@ -224,8 +235,27 @@ class ComfyServer:
         return out
 
 
+def _git(*args: str) -> bytes:
+    return subprocess.run(["git", "-C", str(REPO), *args], check=True, capture_output=True).stdout
+
+
+def clone_pack(dest: Path) -> None:
+    """``git clone`` this repository into ``dest`` (what ComfyUI-Manager does), then copy the working tree's changes
+    against HEAD over it: modified and new files (git's ignore rules apply), and deleted files removed."""
+    subprocess.run(["git", "clone", "--quiet", "--local", str(REPO), str(dest)], check=True, capture_output=True)
+    changed = _git("diff", "--no-renames", "--name-only", "-z", "HEAD").split(b"\0")
+    changed += _git("ls-files", "--others", "--exclude-standard", "-z").split(b"\0")
+    for rel in {c.decode() for c in changed if c}:
+        src, dst = REPO / rel, dest / rel
+        if src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+        elif dst.is_file() or dst.is_symlink():
+            dst.unlink()
+
+
 def load_workflow(name: str, api: bool = True) -> dict:
-    path = REPO / "workflows" / (f"api/{name}.api.json" if api else f"{name}.json")
+    path = WORKFLOW_DIR / (f"api/{name}.api.json" if api else f"{name}.json")
     return json.loads(path.read_text())
 
 
@@ -235,7 +265,8 @@ def new_client_id() -> str:
 
 if __name__ == "__main__":  # manual use: python tests/comfyui/harness.py  -> a server you can open in a browser
     signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
-    s = ComfyServer(extra_packs={"redifine_probe": REPO / "tests" / "comfyui" / "probe_pack"}).start()
+    s = ComfyServer(extra_packs={"redifine_probe": REPO / "tests" / "comfyui" / "probe_pack"},
+                    install="symlink" if "--symlink" in sys.argv else "clone").start()
     print(s.url, s.tmp, flush=True)
     try:
         while True:

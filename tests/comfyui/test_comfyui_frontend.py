@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import REPO, comfyui_python, load_workflow
+from harness import REPO, WORKFLOW_DIR, comfyui_python, load_workflow
 
 CHROMIUM = "/usr/bin/chromium"
 WORKFLOWS = ("collapse_cfg_sweep", "redifine_chain", "train_then_ksampler", "schedule_explorer")
@@ -35,7 +35,7 @@ def frontend_report(server, tmp_path_factory):
         pytest.skip(reason)
     shots = tmp_path_factory.mktemp("shots")
     r = subprocess.run([str(comfyui_python()), str(REPO / "tests" / "comfyui" / "frontend_script.py"), "check",
-                        server.url, str(REPO / "workflows"), str(shots)],
+                        server.url, str(WORKFLOW_DIR), str(shots)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])

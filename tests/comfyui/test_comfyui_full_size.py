@@ -20,7 +20,7 @@ from typing import Optional
 
 import pytest
 
-from harness import REPO, ComfyServer, load_workflow, unavailable_reason
+from harness import REPO, WORKFLOW_DIR, ComfyServer, load_workflow, unavailable_reason
 
 CKPT = "sd15_random_fp16.safetensors"
 BF16 = ("--bf16-unet", "--bf16-vae", "--bf16-text-enc")
@@ -204,20 +204,20 @@ NOTE_SWITCH = ("ComfyUI/models/checkpoints", "ComfyUI/input/<folder>", "model = 
 
 
 def _note_text() -> str:
-    return json.loads((REPO / "workflows" / "api" / "notes.json").read_text())[NOTE]
+    return json.loads((WORKFLOW_DIR / "api" / "notes.json").read_text())[NOTE]
 
 
 def test_the_note_tells_how_to_switch_to_ones_own_checkpoint_and_the_ui_workflow_shows_it():
     note = _note_text()
     missing = [phrase for phrase in NOTE_SWITCH if phrase not in note]
     assert missing == [], f"the {NOTE} Note no longer says: {missing}"
-    ui = json.loads((REPO / "workflows" / f"{NOTE}.json").read_text())
+    ui = json.loads((WORKFLOW_DIR / f"{NOTE}.json").read_text())
     (ui_note,) = [n for n in ui["nodes"] if n["type"] == "Note"]
     assert ui_note["widgets_values"] == [note]  # the UI workflow and notes.json (the converter's input) agree
 
 
 def _switched_as_the_note_says(folder: str) -> dict:
-    """workflows/api/train_then_ksampler.api.json with the Note's steps 2-6 applied for the full-size SD1.5 file,
+    """example_workflows/api/train_then_ksampler.api.json with the Note's steps 2-6 applied for the full-size SD1.5 file,
     plus the CPU-only reductions (64 px, one train step, two sampling steps; the server runs with bf16 flags)."""
     wf = load_workflow(NOTE)
     by_type = {node["class_type"]: node_id for node_id, node in wf.items()}

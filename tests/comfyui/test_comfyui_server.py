@@ -53,7 +53,7 @@ def test_pack_loads_cleanly_and_registers_every_node(server):
 
 def test_workflow_templates_are_listed(server):
     listed = server.get("/workflow_templates")
-    assert sorted(listed[PACK_FOLDER]) == sorted(WORKFLOWS)  # the API twins in workflows/api are not templates
+    assert sorted(listed[PACK_FOLDER]) == sorted(WORKFLOWS)  # the API twins in example_workflows/api are not templates
     for name in WORKFLOWS:
         # (the files themselves are served from a cloned pack; through the test's symlink aiohttp answers 404)
         wf = load_workflow(name, api=False)
