@@ -74,6 +74,18 @@ def demo_config(settings: DemoSettings, seeds: Sequence[int] = (0,)):
                        steps=settings.sample_steps, sampler="ddim", seeds=tuple(seeds), batch_size=64)
 
 
+def seed_tuple(seeds: Union[int, Sequence[int]], usual: int) -> tuple[int, ...]:
+    """Replicate seeds from a count (seeds 0..n-1) or a sequence; one ValueError line otherwise (``usual`` is the
+    count the study uses, named in the message)."""
+    if isinstance(seeds, bool) or not isinstance(seeds, (int, Sequence)):
+        raise ValueError(f"seeds={seeds!r} must be a count (an integer >= 1) or a sequence of seeds")
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ValueError(f"seeds={seeds!r} must be >= 1 (the study uses {usual})")
+        return tuple(range(seeds))
+    return tuple(seeds)
+
+
 def train_config(settings: DemoSettings):
     """The LoRA finetuning settings of every iteration (the same for every method: a paired comparison)."""
     from ..training import TrainConfig

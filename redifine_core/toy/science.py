@@ -56,15 +56,15 @@ def reading_name(preset: str) -> str:
 def science_methods(cond_drop: Optional[float] = None) -> tuple:
     """Every method of the study (MethodConfig), in report order; ``cond_drop`` defaults to ReDiFine's."""
     from ..chain import REDIFINE_COND_DROP, REDIFINE_SCHEDULE, MethodConfig
-    from ..presets import PRESET_TABLE
+    from ..presets import READINGS, REDIFINE_READING
 
     drop = REDIFINE_COND_DROP if cond_drop is None else cond_drop
     methods = [MethodConfig(name=cfg_name(w), kind="baseline", cfg=w) for w in CONSTANT_CFGS]
     methods.append(MethodConfig(name=REDIFINE, kind="redifine", schedule=REDIFINE_SCHEDULE, cond_drop=drop))
     methods.append(MethodConfig(name=DROP_ONLY, kind="custom", cfg=HALF_CFG, cond_drop=drop))
     methods.append(MethodConfig(name=SCHEDULE_ONLY, kind="custom", schedule=REDIFINE_SCHEDULE, cond_drop=0.0))
-    for p in PRESET_TABLE:
-        if p.name != REDIFINE_SCHEDULE:
+    for p in READINGS:
+        if p.name != REDIFINE_READING:  # the reading behind `redifine` runs once, as ReDiFine itself
             methods.append(MethodConfig(name=reading_name(p.name), kind="custom", schedule=p.name, cond_drop=drop))
     return tuple(methods)
 
@@ -73,15 +73,10 @@ def science_config(seeds: Union[int, Sequence[int]] = STUDY_SEEDS, settings: Any
     """The study's ChainConfig: ``science_methods()`` x ``seeds`` (a count, giving seeds 0..n-1, or the seeds) at the
     toy demo's ``SCIENCE`` settings (or ``settings``). Raises ValueError for a bad seed count before any work."""
     from ..chain import ChainConfig
-    from .demo import SCIENCE, train_config
+    from .demo import SCIENCE, seed_tuple, train_config
 
     settings = settings or SCIENCE
-    if isinstance(seeds, bool) or not isinstance(seeds, (int, Sequence)):
-        raise ValueError(f"seeds={seeds!r} must be a count (an integer >= 1) or a sequence of seeds")
-    if isinstance(seeds, int):
-        if seeds < 1:
-            raise ValueError(f"seeds={seeds!r} must be >= 1 (the study uses {STUDY_SEEDS})")
-        seeds = tuple(range(seeds))
+    seeds = seed_tuple(seeds, STUDY_SEEDS)
     return ChainConfig(iterations=settings.iterations, methods=science_methods(settings.redifine_cond_drop),
                        train=train_config(settings), steps=settings.sample_steps, sampler="ddim",
                        seeds=tuple(seeds), batch_size=64)

@@ -62,14 +62,9 @@ def method_configs(plan: sa.StudyPlan = sa.PLAN) -> tuple:
 def study_config(seeds: Union[int, Sequence[int]] = STUDY_SEEDS, settings: DemoSettings = STUDY_SETTINGS):
     """The ChainConfig run on each dataset; a bad seed count raises ValueError before any work."""
     from ..chain import ChainConfig
-    from .demo import train_config
+    from .demo import seed_tuple, train_config
 
-    if isinstance(seeds, bool) or not isinstance(seeds, (int, Sequence)):
-        raise ValueError(f"seeds={seeds!r} must be a count (an integer >= 1) or a sequence of seeds")
-    if isinstance(seeds, int):
-        if seeds < 1:
-            raise ValueError(f"seeds={seeds!r} must be >= 1 (the study uses {STUDY_SEEDS})")
-        seeds = tuple(range(seeds))
+    seeds = seed_tuple(seeds, STUDY_SEEDS)
     return ChainConfig(iterations=settings.iterations, methods=method_configs(), train=train_config(settings),
                        steps=settings.sample_steps, sampler="ddim", seeds=tuple(seeds), batch_size=64)
 
