@@ -65,7 +65,7 @@ def test_a_folder_that_is_not_a_run_is_refused_in_one_line(tmp_path, capsys):
 
 def test_science_config_has_every_method_and_paired_seeds():
     from redifine_core.chain import REDIFINE_COND_DROP, units
-    from redifine_core.presets import PRESET_TABLE
+    from redifine_core.presets import READINGS, REDIFINE_READING
     from redifine_core.toy.demo import SCIENCE
     from redifine_core.toy.science import science_config
 
@@ -81,9 +81,9 @@ def test_science_config_has_every_method_and_paired_seeds():
     assert (by["schedule-no-drop"].schedule, by["schedule-no-drop"].cond_drop) == ("redifine", 0.0)
     # every other reading of the schedule, each with condition drop
     readings = {m.schedule for m in cfg.methods if m.name.endswith("-drop") and m.name != "schedule-no-drop"}
-    assert readings == {p.name for p in PRESET_TABLE} - {"redifine"}
+    assert readings == {p.name for p in READINGS} - {REDIFINE_READING}  # the one behind redifine runs once
     assert all(by[f"{r}-drop"].cond_drop == REDIFINE_COND_DROP for r in readings)
-    assert len(cfg.methods) == 5 + 3 + len(PRESET_TABLE) - 1
+    assert len(cfg.methods) == 5 + 3 + len(READINGS) - 1
     assert cfg.seeds == (0, 1, 2, 3, 4) and cfg.iterations == SCIENCE.iterations == 5
     assert cfg.train.steps == SCIENCE.finetune_steps
     # paired: every method runs every seed, and a seed's training and image seeds do not depend on the method
