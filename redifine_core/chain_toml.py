@@ -128,39 +128,16 @@ def parse_chain_toml(path: str | os.PathLike) -> ChainJob:
 
 
 def resolve_device(device: Optional[str]):
-    """The torch device of ``pipeline.device`` (None for "auto"), or one-line ValueError if this machine lacks it.
-
-    Uses ``models.resolve_device`` where it exists; the fallback checks the same things without loading a model.
-    """
-    import torch
+    """The torch device of ``pipeline.device`` (None for "auto"), or one-line ValueError if this machine lacks it."""
+    from .models import resolve_device as core_resolve
 
     if device in (None, "auto"):
         return None
     try:
-        from .models import resolve_device as core_resolve  # type: ignore[attr-defined]
-    except ImportError:
-        core_resolve = None
-    if core_resolve is not None:
-        try:
-            return core_resolve(device)
-        except ValueError as e:
-            msg = str(e).splitlines()[0]
-            raise ValueError(msg if "pipeline.device" in msg else f"pipeline.device: {msg}") from None
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"pipeline.device={device!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"pipeline.device={device!r}: this torch has no usable CUDA GPU; use 'cpu' or 'auto'")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"pipeline.device={device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"pipeline.device={device!r}: MPS is not available here; use 'cpu' or 'auto'")
-    elif dev.type != "cpu":
-        raise ValueError(f"pipeline.device={device!r} is not supported; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    return dev
+        return core_resolve(device)
+    except ValueError as e:
+        msg = str(e).splitlines()[0]
+        raise ValueError(msg if "pipeline.device" in msg else f"pipeline.device: {msg}") from None
 
 
 def check_job(job: ChainJob) -> None:
@@ -185,10 +162,8 @@ def check_job(job: ChainJob) -> None:
         check_input_dir(job.dataset_source, "dataset.source", "a folder of images with .txt captions")
     device = resolve_device(job.device)
     if job.dtype is not None:
-        try:
-            from .models import resolve_dtype  # type: ignore[attr-defined]
-        except ImportError:
-            return
+        from .models import resolve_dtype
+
         try:
             resolve_dtype(job.dtype, device)
         except ValueError as e:

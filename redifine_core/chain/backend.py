@@ -1,7 +1,6 @@
 """The operations a chain run calls, bound to the real modules by ``default_backend()``: a seam for tests.
 
-``ChainBackend`` names what a unit needs: finetune, generate (streamed when ``sampling.generate_batches`` exists),
-LoRA save/load, set summaries and metrics, the verdict, and the dataset constructor. Tests pass fakes with the same
+``ChainBackend`` names what a unit needs: finetune, streamed generation, LoRA save/load, set summaries and metrics, the verdict, and the dataset constructor. Tests pass fakes with the same
 signatures to drive the loop exactly and fast.
 """
 
@@ -15,7 +14,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 class ChainBackend:
     """The operations the chain calls (a seam for tests); ``default_backend()`` binds the real modules.
 
-    ``generate_batches`` (optional) streams ``(indices, images)``; without it ``generate`` is called per batch.
+    ``generate_batches`` streams ``(indices, images)``; a backend that gives only ``generate`` (one call per batch,
+    as test fakes do) gets a stream built from it (``per_batch``).
     Set summaries: ``feature_extractor(spec)`` resolves the run's feature set once (Inception loads once);
     ``new_summary(features=fx)`` gives an empty summary with ``add(uint8 images [b, H, W, 3], cancel=)``;
     ``summary_from_pngs(paths, batch_size=, cancel=, features=fx)`` summarises a set on disk; ``set_metrics`` and
@@ -35,6 +35,23 @@ class ChainBackend:
     feature_extractor: Callable[[Any], Any] = lambda spec: spec
     generate_batches: Optional[Callable[..., Iterator[tuple[Sequence[int], Any]]]] = None
     change_intervals: Optional[Callable[..., dict]] = None  # (summary_i, summary_0, reference) -> interval keys
+
+    def __post_init__(self) -> None:
+        if self.generate_batches is None:
+            self.generate_batches = per_batch(lambda *a, **k: self.generate(*a, **k))  # the field as it is then
+
+
+def per_batch(generate: Callable[..., Any]) -> Callable[..., Iterator[tuple[list[int], Any]]]:
+    """A ``generate_batches`` stream from a ``generate(pipeline, prompts, schedule, seeds=, batch_size=, ...)`` that
+    returns one batch of images per call (per-image seeds make the images independent of the batching)."""
+
+    def stream(pipeline, prompts, schedule, seeds, batch_size, **kw):
+        for start in range(0, len(prompts), batch_size):
+            idx = list(range(start, min(start + batch_size, len(prompts))))
+            yield idx, generate(pipeline, [prompts[j] for j in idx], schedule, seeds=[seeds[j] for j in idx],
+                                batch_size=batch_size, **kw)
+
+    return stream
 
 
 def default_backend() -> ChainBackend:
@@ -60,6 +77,6 @@ def default_backend() -> ChainBackend:
         new_summary=metrics.SetSummary,
         summary_from_pngs=metrics.SetSummary.from_pngs,
         feature_extractor=metrics.get_feature_extractor,
-        generate_batches=getattr(sampling, "generate_batches", None),
+        generate_batches=sampling.generate_batches,
         change_intervals=metrics.change_intervals,
     )

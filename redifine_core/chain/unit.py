@@ -245,22 +245,16 @@ def _train(run: _Run, unit: Unit) -> Any:
 
 
 def _batches(run: _Run, unit: Unit, prompts: list[str], seeds: list[int], lora: Any) -> Iterator[tuple[list[int], Any]]:
-    """(indices, float images) per batch: ``generate_batches`` when the backend has it, else ``generate`` per chunk
-    (per-image seeds make the images independent of the batching)."""
+    """(indices, float images) per batch from the backend's stream; closing it removes the LoRA at once, also on
+    error or cancel."""
     (width, height), config, b = run.size, run.config, run.config.batch_size
     kw = dict(steps=config.steps, negative_prompt=config.negative_prompt, sampler=config.sampler, width=width,
               height=height, batch_size=b, lora=lora, lora_scale=config.lora_scale, iteration=unit.iteration,
               progress=run.nested(unit), cancel=run.cancel)
-    if run.backend.generate_batches is not None:
-        stream = run.backend.generate_batches(run.pipeline, prompts, unit.method.guidance, seeds=seeds, **kw)
-        with contextlib.closing(stream):  # closing it removes the LoRA at once, also on error or cancel
-            for idx, images in stream:
-                yield list(idx), images
-        return
-    for start in range(0, len(prompts), b):
-        idx = list(range(start, min(start + b, len(prompts))))
-        yield idx, run.backend.generate(run.pipeline, [prompts[j] for j in idx], unit.method.guidance,
-                                        seeds=[seeds[j] for j in idx], **kw)
+    stream = run.backend.generate_batches(run.pipeline, prompts, unit.method.guidance, seeds=seeds, **kw)
+    with contextlib.closing(stream):
+        for idx, images in stream:
+            yield list(idx), images
 
 
 def _generate(run: _Run, unit: Unit, lora: Any) -> Any:
