@@ -107,6 +107,7 @@ BOUNDS: Mapping[str, Bound] = MappingProxyType({
     "max_grad_norm": _B(0.0, 1e6, integer=False, doc="gradient clipping norm (0 = none)"),
     "min_snr_gamma": _B(0.0, 1e4, integer=False, doc="min-SNR loss weighting gamma (0 = off)"),
     "clip_skip": _B(1, 48, doc="CLIP skip: 1 = last text-encoder layer, 2 = penultimate"),
+    "bucket_step": _B(8, 512, multiple=8, doc="aspect-ratio buckets: sides are multiples of this (pixels)"),
     # data and other commands
     "dataset_limit": _B(2, 1_000_000, doc="images read from a dataset folder (dataset.limit)"),
     "download_limit": _B(1, 1_000_000, doc="images written by `redifine dataset --limit`"),

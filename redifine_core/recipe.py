@@ -10,17 +10,18 @@ Keys read (sd-scripts' spelling; values are ``str()`` of Python values, so ``"No
 ``ss_lr_scheduler`` + ``ss_lr_warmup_steps``, ``ss_optimizer`` (``module.Class(args)``; ``weight_decay=`` read
 from the args), ``ss_min_snr_gamma``, ``ss_noise_offset``, ``ss_caption_dropout_rate`` (our condition drop),
 ``ss_clip_skip``, ``ss_resolution`` (``"(512, 512)"``, ``"512,512"`` or ``"512"``), ``ss_batch_size_per_device``,
-``ss_gradient_accumulation_steps``, ``ss_flip_aug``, ``ss_random_crop``, ``ss_max_grad_norm``, ``ss_seed``, and
-``ss_datasets`` (a dataset-config run's resolution, batch size and augmentation). Rank and alpha always come from the
+``ss_gradient_accumulation_steps``, ``ss_flip_aug``, ``ss_random_crop``, ``ss_max_grad_norm``, ``ss_seed``,
+``ss_enable_bucket`` + ``ss_bucket_reso_steps`` (aspect-ratio buckets; the sides' range is ours, from the resolution),
+and ``ss_datasets`` (a dataset-config run's resolution, batch size, buckets and augmentation). Rank and alpha always come from the
 weights (training continues this LoRA, so they must match it); ``ss_network_dim`` / ``ss_network_alpha`` are
 checked against them. The trained modules come from the weights too (our own files: ``ss_network_args``' target).
 
 Defaults for a key that is missing, unset or out of bounds are :class:`~redifine_core.training.TrainConfig`'s own,
 except ``weight_decay`` (the optimizer's default: 0.01 for AdamW and AdamW8bit, 0 for Prodigy). Never read:
 ``ss_mixed_precision``, ``ss_gradient_checkpointing``, ``ss_cache_latents`` (they belong to the machine, not the
-recipe). Not supported, and said so: bucketing (``ss_enable_bucket``: images are center-cropped to one square
-size), schedules other than constant / constant-with-warmup / cosine, optimizers other than AdamW / AdamW8bit /
-Prodigy, clip skip on SDXL (always the penultimate layer, as in sd-scripts).
+recipe). Not supported, and said so: schedules other than constant / constant-with-warmup / cosine, optimizers
+other than AdamW / AdamW8bit / Prodigy, clip skip on SDXL (always the penultimate layer, as in sd-scripts), bucket
+side ranges other than half to twice the resolution.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any, Callable, Optional
 from .atomic import PathLike
 from .lora import TARGET_GROUPS, LoraWeights, load_lora
 from .training import TrainConfig
+from .training.buckets import side_range
 from .training.optim import missing_optimizer_package
 
 # ss_optimizer class name -> (our optimizer, its default weight decay)
@@ -220,6 +222,19 @@ def _clip_skip(r: _Reader, sdxl: bool) -> None:
                               "uses the penultimate layer)")
 
 
+def _buckets(r: _Reader) -> None:
+    r.take("enable_bucket", "ss_enable_bucket", _bool, "ss_enable_bucket is missing: one square size")
+    if not r.kwargs.get("enable_bucket"):
+        return
+    r.take("bucket_step", "ss_bucket_reso_steps", _int, "ss_bucket_reso_steps is missing: sd-scripts' default")
+    resolution = r.kwargs.get("resolution")
+    lo, hi = r.raw("ss_min_bucket_reso"), r.raw("ss_max_bucket_reso")
+    if resolution and lo and hi:
+        ours = side_range(resolution, r.kwargs.get("bucket_step", _default("bucket_step")))
+        if (lo, hi) != (str(ours[0]), str(ours[1])):
+            r.assumed["enable_bucket"] = f"bucket sides {ours[0]} to {ours[1]} (the file's: {lo} to {hi})"
+
+
 def _fit_bounds(r: _Reader) -> TrainConfig:
     """Drop each value TrainConfig refuses (noting why) until the kwargs make a valid config."""
     for _ in range(len(fields(TrainConfig)) + 1):
@@ -282,13 +297,7 @@ def read_recipe(lora_path: PathLike) -> tuple[dict[str, Any], dict[str, str], di
     r.take("random_flip", "ss_flip_aug", _bool)
     r.take("center_crop", "ss_random_crop", lambda s: not _bool(s))
     r.take("seed", "ss_seed", _int)
-    bucket = r.raw("ss_enable_bucket")
-    if bucket is not None:
-        r.read["ss_enable_bucket"] = bucket
-        if bucket.strip().lower() == "true":
-            area = r.assumed.get("resolution", "")
-            r.assumed["resolution"] = (area + "; " if area else "") + ("bucketing is not supported: every image is "
-                                                                       "center-cropped to one square size")
+    _buckets(r)
     r.assumed.update(_NOT_READ)
     config = _fit_bounds(r)
     kwargs = config.to_dict()

@@ -66,7 +66,8 @@ def test_sd_scripts_recipe_is_read(tmp_path):
     assert assumed["weight_decay"].startswith("0.01: the default of AdamW")
     assert assumed["mixed_precision"].startswith("'auto': follows the weights")
     assert assumed["target"].endswith("the file also has proj_in modules, which no target trains")
-    assert set(assumed) == {"weight_decay", "mixed_precision", "gradient_checkpointing", "cache_latents", "target"}
+    assert set(assumed) == {"weight_decay", "mixed_precision", "gradient_checkpointing", "cache_latents", "target",
+                            "bucket_step"}  # ss_enable_bucket is False: the step is not read
 
 
 def test_none_strings_unsupported_values_and_dataset_config(tmp_path, monkeypatch):
@@ -97,8 +98,9 @@ def test_none_strings_unsupported_values_and_dataset_config(tmp_path, monkeypatc
     assert kwargs["warmup_steps"] == 100 and assumed["warmup_steps"] == "100: 0.1 of 1000 steps"
     assert kwargs["alpha"] == 4.0 and assumed["alpha"] == "4.0: from the weights (ss_network_alpha says 1)"
     assert kwargs["batch_size"] == 4 and kwargs["random_flip"] is False and kwargs["center_crop"] is False
-    assert assumed["resolution"] == ("624: the square with the area of [768, 512]; bucketing is not supported: "
-                                     "every image is center-cropped to one square size")
+    assert assumed["resolution"] == "624: the square with the area of [768, 512]"
+    assert kwargs["enable_bucket"] is True and kwargs["bucket_step"] == 64
+    assert assumed["bucket_step"] == "64: ss_bucket_reso_steps is missing: sd-scripts' default"
     assert read["ss_resolution"] == "[768, 512]" and read["ss_enable_bucket"] == "True"
     TrainConfig(**kwargs)
 
@@ -139,9 +141,20 @@ def test_our_lora_round_trips(tiny_sd, tmp_path):
     cfg = TrainConfig(steps=2, learning_rate=3e-4, rank=2, alpha=3.0, cond_drop=0.2, batch_size=2, grad_accum=2,
                       warmup_steps=1, resolution=32, random_flip=True, target=("attention", "resnet", "text_encoder"),
                       noise_offset=0.05, seed=9, weight_decay=0.05, max_grad_norm=0.5, unet_lr=2e-4,
-                      text_encoder_lr=1e-5, lr_scheduler="cosine", min_snr_gamma=5.0, clip_skip=2)
+                      text_encoder_lr=1e-5, lr_scheduler="cosine", min_snr_gamma=5.0, clip_skip=2, enable_bucket=True,
+                      bucket_step=16)
     res = finetune_lora(pipe, data, cfg)
     for layout in ("kohya", "diffusers"):
         kwargs, read, _ = read_recipe(save_lora(res.lora, tmp_path / f"ours_{layout}.safetensors", layout))
         assert TrainConfig(**kwargs) == cfg, layout
         assert read["ss_optimizer"] == "torch.optim.adamw.AdamW(weight_decay=0.05)"
+
+
+def test_bucket_recipe(tmp_path):
+    md = {**SD_SCRIPTS, "ss_enable_bucket": "True", "ss_min_bucket_reso": "256", "ss_max_bucket_reso": "1024"}
+    kwargs, read, assumed = read_recipe(_sd_scripts_lora(tmp_path / "b.safetensors", md))
+    assert kwargs["enable_bucket"] is True and read["ss_enable_bucket"] == "True" and "enable_bucket" not in assumed
+    md.update(ss_max_bucket_reso="2048", ss_bucket_reso_steps="32")
+    kwargs, _, assumed = read_recipe(_sd_scripts_lora(tmp_path / "c.safetensors", md))
+    assert kwargs["bucket_step"] == 32
+    assert assumed["enable_bucket"] == "True: bucket sides 256 to 1024 (the file's: 256 to 2048)"

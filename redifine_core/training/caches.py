@@ -26,14 +26,19 @@ ENCODE_BATCH = 4  # images per VAE encode call while caching
 # ---------------------------------------------------------------------------------------------------- images
 
 
-def _resize_short_side(img: Any, size: int) -> Any:
-    """PIL image resized (Lanczos) so that its shorter side is ``size``."""
+def _resize_to_cover(img: Any, height: int, width: int) -> Any:
+    """PIL image resized (Lanczos), aspect kept, to the smallest size that covers ``height`` x ``width``."""
     from PIL import Image
 
     w, h = img.size
-    s = size / min(w, h)
-    nw, nh = max(size, round(w * s)), max(size, round(h * s))
+    s = max(width / w, height / h)
+    nw, nh = max(width, round(w * s)), max(height, round(h * s))
     return img.resize((nw, nh), Image.Resampling.LANCZOS) if (nw, nh) != (w, h) else img
+
+
+def _resize_short_side(img: Any, size: int) -> Any:
+    """PIL image resized (Lanczos) so that its shorter side is ``size``."""
+    return _resize_to_cover(img, size, size)
 
 
 def _to_uint8(img: Any) -> torch.Tensor:
@@ -65,48 +70,57 @@ def mirrored_left(width: int, left: int, crop: int) -> int:
 
 @dataclass
 class ResizedImages:
-    """The data set at the training resolution: shorter side ``resolution``, uncropped, uint8 [3, H, W]."""
+    """The data set at the training size, uncropped, uint8 [3, H, W]: each image just covers its crop size
+    ``targets[i]`` (height, width): the square ``resolution`` (shorter side = resolution), or its aspect bucket."""
 
     images: list
     orig_sizes: list  # (height, width) before resizing: SDXL's original-size conditioning
     resolution: int
+    targets: list
 
     @classmethod
-    def build(cls, pil_images: Sequence[Any], resolution: int) -> "ResizedImages":
+    def build(cls, pil_images: Sequence[Any], resolution: int,
+              targets: Optional[Sequence[tuple[int, int]]] = None) -> "ResizedImages":
+        targets = list(targets) if targets is not None else [(resolution, resolution)] * len(pil_images)
         images, sizes = [], []
-        for im in pil_images:
+        for im, (th, tw) in zip(pil_images, targets):
             sizes.append((im.height, im.width))
-            images.append(_to_uint8(_resize_short_side(im, resolution)))
-        return cls(images, sizes, resolution)
+            images.append(_to_uint8(_resize_to_cover(im, th, tw)))
+        return cls(images, sizes, resolution, targets)
 
     def size(self, i: int) -> tuple[int, int]:
         h, w = self.images[i].shape[-2:]
         return int(h), int(w)
 
     def center_offsets(self, i: int) -> tuple[int, int]:
-        h, w = self.size(i)
-        return (h - self.resolution) // 2, (w - self.resolution) // 2
+        (h, w), (th, tw) = self.size(i), self.targets[i]
+        return (h - th) // 2, (w - tw) // 2
 
     def crop(self, i: int, top: int, left: int) -> torch.Tensor:
-        R = self.resolution
-        return self.images[i][:, top:top + R, left:left + R]
+        th, tw = self.targets[i]
+        return self.images[i][:, top:top + th, left:left + tw]
 
 
 # ---------------------------------------------------------------------------------------------------- latents
 
 
 class LatentCache:
-    """Latent distribution (raw VAE space, float32, on the pipeline's device) of every image's center crop, and of
-    its mirror image when ``flip``. Pixels are resized, cropped and encoded ``ENCODE_BATCH`` images at a time."""
+    """Latent distribution (raw VAE space, float32, on the pipeline's device) of every image's center crop (to
+    ``targets[i]``, default the square ``resolution``), and of its mirror image when ``flip``. Pixels are resized,
+    cropped and encoded ``ENCODE_BATCH`` images at a time (one encode per crop size among them)."""
 
-    def __init__(self, pipeline: Any, pil_images: Sequence[Any], resolution: int, flip: bool) -> None:
+    def __init__(self, pipeline: Any, pil_images: Sequence[Any], resolution: int, flip: bool,
+                 targets: Optional[Sequence[tuple[int, int]]] = None) -> None:
         self.resolution = resolution
+        self.targets = list(targets) if targets is not None else [(resolution, resolution)] * len(pil_images)
         self.orig_sizes: list[tuple[int, int]] = []
         self.sizes: list[tuple[int, int]] = []  # after resizing
         self.offsets: list[tuple[int, int]] = []  # center-crop (top, left)
-        means, stds, means_f, stds_f = [], [], [], []
+        self.flip = flip
+        self.moment_list: list[tuple[torch.Tensor, ...]] = []  # per image: (mean, std[, mean_f, std_f]), [C, h, w]
         for start in range(0, len(pil_images), ENCODE_BATCH):
-            chunk = ResizedImages.build(pil_images[start:start + ENCODE_BATCH], resolution)
+            chunk = ResizedImages.build(pil_images[start:start + ENCODE_BATCH], resolution,
+                                        self.targets[start:start + ENCODE_BATCH])
             crops = []
             for j in range(len(chunk.images)):
                 top, left = chunk.center_offsets(j)
@@ -114,32 +128,42 @@ class LatentCache:
                 self.sizes.append(chunk.size(j))
                 crops.append(chunk.crop(j, top, left))
             self.orig_sizes.extend(chunk.orig_sizes)
-            batch = uint8_to_pixels(torch.stack(crops))
-            m, s = encode_moments(pipeline, batch, batch_size=ENCODE_BATCH)
-            means.append(m)
-            stds.append(s)
-            if flip:
-                m, s = encode_moments(pipeline, torch.flip(batch, dims=[-1]), batch_size=ENCODE_BATCH)
-                means_f.append(m)
-                stds_f.append(s)
-        self.mean, self.std = torch.cat(means), torch.cat(stds)
-        self.mean_f = torch.cat(means_f) if flip else None
-        self.std_f = torch.cat(stds_f) if flip else None
+            per_image: list = [None] * len(crops)
+            for size in dict.fromkeys(tuple(c.shape[-2:]) for c in crops):  # one encode per crop size
+                js = [j for j, c in enumerate(crops) if tuple(c.shape[-2:]) == size]
+                batch = uint8_to_pixels(torch.stack([crops[j] for j in js]))
+                parts = list(encode_moments(pipeline, batch, batch_size=ENCODE_BATCH))
+                if flip:
+                    parts += encode_moments(pipeline, torch.flip(batch, dims=[-1]), batch_size=ENCODE_BATCH)
+                for k, j in enumerate(js):
+                    per_image[j] = tuple(x[k] for x in parts)
+            self.moment_list.extend(per_image)
+
+    def _stacked(self, part: int, idx: Optional[list[int]] = None) -> torch.Tensor:
+        rows = range(len(self.moment_list)) if idx is None else idx
+        return torch.stack([self.moment_list[i][part] for i in rows])
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self._stacked(0)
+
+    @property
+    def mean_f(self) -> Optional[torch.Tensor]:
+        return self._stacked(2) if self.flip else None
 
     def moments(self, idx: list[int], flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) of the samples ``idx``; the mirrored image's where ``flip`` is True."""
-        ii = torch.tensor(idx, device=self.mean.device)
-        mean, std = self.mean[ii], self.std[ii]
-        if self.mean_f is not None and bool(flip.any()):
-            f = flip.to(self.mean.device).view(-1, 1, 1, 1)
-            mean = torch.where(f, self.mean_f[ii], mean)
-            std = torch.where(f, self.std_f[ii], std)
+        """(mean, std) of the samples ``idx`` (one crop size); the mirrored image's where ``flip`` is True."""
+        mean, std = self._stacked(0, idx), self._stacked(1, idx)
+        if self.flip and bool(flip.any()):
+            f = flip.to(mean.device).view(-1, 1, 1, 1)
+            mean = torch.where(f, self._stacked(2, idx), mean)
+            std = torch.where(f, self._stacked(3, idx), std)
         return mean, std
 
     def crop_top_left(self, i: int, flipped: bool) -> tuple[int, int]:
         """The (top, left) crop offset SDXL is conditioned on for image ``i``."""
         top, left = self.offsets[i]
-        return (top, mirrored_left(self.sizes[i][1], left, self.resolution)) if flipped else (top, left)
+        return (top, mirrored_left(self.sizes[i][1], left, self.targets[i][1])) if flipped else (top, left)
 
 
 # ------------------------------------------------------------------------------------------------------- text

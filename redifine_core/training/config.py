@@ -26,6 +26,7 @@ _INTS = {
     "batch_size": ("batch_size", "an integer >= 1"),
     "grad_accum": ("grad_accum", "an integer >= 1"),
     "warmup_steps": ("warmup_steps", "an integer >= 0"),
+    "bucket_step": ("bucket_step", "a positive multiple of 8"),
 }
 # optional fields: None = the documented default
 _OPTIONAL = {
@@ -69,6 +70,9 @@ class TrainConfig:
     when ``warmup_steps`` > 0, else "constant". ``optimizer``: one of :data:`~.optim.OPTIMIZERS` (default "adamw").
     ``min_snr_gamma``: None or 0 (default, off) or gamma of min-SNR loss weighting. ``clip_skip``: None (default, the
     model's own layer), 1 = last CLIP layer, 2 = penultimate (SDXL: None or 2; :mod:`redifine_core.prompt_encoding`).
+    ``enable_bucket``: False (default) crops every image to the square ``resolution``; True trains each image at
+    its aspect-ratio bucket (sides multiples of ``bucket_step``, default 64, area at most ``resolution`` squared;
+    :mod:`.buckets`).
     """
 
     steps: int = 200
@@ -96,6 +100,8 @@ class TrainConfig:
     optimizer: str = "adamw"
     min_snr_gamma: Optional[float] = None
     clip_skip: Optional[int] = None
+    enable_bucket: bool = False
+    bucket_step: int = 64
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ValueError:
@@ -117,7 +123,7 @@ class TrainConfig:
                                             or not BOUNDS["resolution"].contains(int(self.resolution))):
             raise bad("resolution", f"None (the model's default size) or a positive multiple of 8, "
                                     f"{_at_most('resolution')}")
-        for name in ("center_crop", "random_flip", "cache_latents"):
+        for name in ("center_crop", "random_flip", "cache_latents", "enable_bucket"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "True or False")
         if self.gradient_checkpointing is not None and not isinstance(self.gradient_checkpointing, bool):

@@ -9,10 +9,23 @@ for the resolution, ``module.Class(args)`` for the optimizer). ``redifine_train_
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 from .borrow import base_model_version
+from .buckets import side_range
 from .optim import optimizer_description
+
+
+def _bucket_metadata(trainer: Any) -> dict[str, str]:
+    """sd-scripts' bucket keys: smallest and largest side, step, and how many images each (width, height) holds."""
+    c, R = trainer.config, trainer.resolution
+    counts = Counter(trainer.targets)
+    info = {"buckets": {str(k): {"resolution": [w, h], "count": counts[(h, w)]}
+                        for k, (h, w) in enumerate(sorted(counts))}}
+    lo, hi = side_range(R, c.bucket_step)
+    return {"ss_min_bucket_reso": str(lo), "ss_max_bucket_reso": str(hi), "ss_bucket_reso_steps": str(c.bucket_step),
+            "ss_bucket_info": json.dumps(info)}
 
 
 def training_metadata(trainer: Any) -> dict[str, str]:
@@ -37,7 +50,8 @@ def training_metadata(trainer: Any) -> dict[str, str]:
         "ss_min_snr_gamma": str(c.min_snr_gamma),
         "ss_clip_skip": str(c.clip_skip),
         "ss_resolution": f"({trainer.resolution}, {trainer.resolution})",
-        "ss_enable_bucket": "False",
+        "ss_enable_bucket": str(c.enable_bucket),
+        **(_bucket_metadata(trainer) if c.enable_bucket else {}),
         "ss_batch_size_per_device": str(c.batch_size),
         "ss_gradient_accumulation_steps": str(c.grad_accum),
         "ss_gradient_checkpointing": str(trainer.checkpointing),

@@ -58,16 +58,9 @@ from ..lora import (TEXT_ENCODER_TARGETS, LoraWeights, add_lora_adapter, remove_
 from ..progress import CancelFlag, ProgressCallback, ProgressEvent, check_cancel, report
 from ..prompt_encoding import check_clip_skip
 from ..vae import encode_moments, scale_latents
-from .borrow import (
-    BorrowedPipeline,
-    default_size,
-    empty_cuda_cache,
-    force_zeros_for_empty_prompt,
-    is_sdxl,
-    pipeline_device,
-    replace_inference_tensors,
-    vae_scale_factor,
-)
+from .borrow import (BorrowedPipeline, default_size, empty_cuda_cache, force_zeros_for_empty_prompt, is_sdxl,
+                     pipeline_device, replace_inference_tensors, vae_scale_factor)
+from .buckets import BatchOrder, crop_sizes
 from .caches import LatentCache, ResizedImages, TextCache, TextEncoder, mirrored_left, uint8_to_pixels
 from .config import TrainConfig, TrainResult
 from .metadata import training_metadata
@@ -117,7 +110,10 @@ class LoraTrainer:
         if init_lora is not None:
             self._check_init_lora(init_lora)
         self.init_lora = init_lora
-        self.latent_hw = self.resolution // vsf
+        self.vsf = vsf
+        unit = vsf * 2 ** (len(pipeline.unet.config.down_block_types) - 1)  # pixels per UNet bottleneck cell
+        self.targets = crop_sizes(dataset.images, self.resolution, config.bucket_step if config.enable_bucket else 0,
+                                  unit)
         self.latent_channels = int(pipeline.unet.config.in_channels)
         self.random_crop = not config.center_crop
         self.cache_latents = config.cache_latents and not self.random_crop
@@ -129,7 +125,6 @@ class LoraTrainer:
         self._closed = False
         self._injected: list[torch.nn.Module] = []
         self.borrowed: Optional[BorrowedPipeline] = None
-        self._queue: list[int] = []
 
         from diffusers import DDPMScheduler
 
@@ -143,6 +138,8 @@ class LoraTrainer:
 
         s = _seeds(config.seed, 5)
         self.g_index = torch.Generator().manual_seed(s[0])
+        self.order = BatchOrder(len(dataset), config.batch_size, self.g_index,
+                                self.targets if config.enable_bucket else None)
         self.g_drop = torch.Generator().manual_seed(s[1])
         self.g_aug = torch.Generator().manual_seed(s[2])
         self.g_noise = torch.Generator().manual_seed(s[3])
@@ -181,9 +178,9 @@ class LoraTrainer:
         # phase 1: latents (or the uint8 images a step crops and encodes)
         self.latents, self.images = None, None
         if self.cache_latents:
-            self.latents = LatentCache(p, self.dataset.images, self.resolution, c.random_flip)
+            self.latents = LatentCache(p, self.dataset.images, self.resolution, c.random_flip, self.targets)
         else:
-            self.images = ResizedImages.build(self.dataset.images, self.resolution)
+            self.images = ResizedImages.build(self.dataset.images, self.resolution, self.targets)
         empty_cuda_cache(self.device)
 
         # phase 2: text embeddings; then what a step does not need leaves the GPU until close()
@@ -237,31 +234,25 @@ class LoraTrainer:
 
     # ----------------------------------------------------------------------------------------------- stepping
 
-    def _next_indices(self, n: int) -> list[int]:
-        while len(self._queue) < n:
-            self._queue.extend(torch.randperm(len(self.dataset), generator=self.g_index).tolist())
-        out, self._queue = self._queue[:n], self._queue[n:]
-        return out
-
     def _encode_crops(self, idx: list[int], flip: torch.Tensor,
                       share: slice) -> tuple[torch.Tensor, torch.Tensor, list]:
         """Crop (random or center), flip and encode the samples ``idx[share]``: (mean, std, SDXL crop offsets).
         The crops of every sample in ``idx`` are drawn (in order), so a sample's crop does not depend on the share."""
-        imgs, R = self.images, self.resolution
+        imgs = self.images
         crops, offsets = [], []
         mine = range(len(idx))[share]
         for j, i in enumerate(idx):
-            h, w = imgs.size(i)
+            (h, w), (th, tw) = imgs.size(i), self.targets[i]
             if self.random_crop:
-                top = int(torch.randint(0, h - R + 1, (1,), generator=self.g_aug))
-                left = int(torch.randint(0, w - R + 1, (1,), generator=self.g_aug))
+                top = int(torch.randint(0, h - th + 1, (1,), generator=self.g_aug))
+                left = int(torch.randint(0, w - tw + 1, (1,), generator=self.g_aug))
             else:
                 top, left = imgs.center_offsets(i)
             if j not in mine:
                 continue
             crop = imgs.crop(i, top, left)
             crops.append(torch.flip(crop, dims=[-1]) if flip[j] else crop)
-            offsets.append((top, mirrored_left(w, left, R) if flip[j] else left))
+            offsets.append((top, mirrored_left(w, left, tw) if flip[j] else left))
         mean, std = encode_moments(self.pipeline, uint8_to_pixels(torch.stack(crops)), batch_size=len(crops))
         return mean, std, offsets
 
@@ -269,10 +260,11 @@ class LoraTrainer:
         """One micro-batch: (loss, indices, drop mask). Random draws in a fixed order, independent of caching."""
         c, dev = self.config, self.device
         B = c.batch_size
-        idx = self._next_indices(B)
+        idx = self.order.next()
         drop = torch.rand(B, generator=self.g_drop) < c.cond_drop if c.cond_drop > 0 else torch.zeros(B, dtype=torch.bool)
         flip = (torch.rand(B, generator=self.g_aug) < 0.5) if c.random_flip else torch.zeros(B, dtype=torch.bool)
-        shape = (B, self.latent_channels, self.latent_hw, self.latent_hw)
+        th, tw = self.targets[idx[0]]  # a micro-batch holds one bucket (one size)
+        shape = (B, self.latent_channels, th // self.vsf, tw // self.vsf)
         eps = torch.randn(shape, generator=self.g_noise)
         noise = torch.randn(shape, generator=self.g_noise)
         if c.noise_offset > 0:
@@ -308,9 +300,8 @@ class LoraTrainer:
                 pooled = pooled * keep.view(-1, 1).to(pooled.dtype)
         added = None
         if self.sdxl:
-            R = self.resolution
-            time_ids = torch.tensor([[*self._orig_size(i), top, left, R, R] for i, (top, left) in zip(idx, offsets)],
-                                    dtype=torch.float32, device=dev)
+            time_ids = torch.tensor([[*self._orig_size(i), top, left, *self.targets[i]]
+                                     for i, (top, left) in zip(idx, offsets)], dtype=torch.float32, device=dev)
             added = {"text_embeds": pooled, "time_ids": time_ids.to(pooled.dtype)}
 
         udt = self.unet_dtype
