@@ -10,11 +10,13 @@ The API:
         alpha: float
         target_modules: tuple[str, ...]
         metadata: dict[str, str]                 # ss_* fields
+        fixed_deltas: dict[str, torch.Tensor]    # UNet parameter path -> difference added while applied; never trains
     def save_lora(lora: LoraWeights, path, layout: str = "kohya") -> Path      # atomic; layout "kohya" | "diffusers"
     def load_lora(path, pipeline=None) -> LoraWeights                           # any layout below; checked on pipeline
     def check_lora_fits(lora, pipeline, source="the LoRA") -> None              # ValueError naming both architectures
     @contextmanager
     def lora_applied(pipeline: Pipeline, lora: LoraWeights | None, scale: float = 1.0)   # inject, yield, remove
+    def add_fixed_deltas(model, deltas, scale=1.0) -> Callable[[], None]       # (lora_comfyui) add; result restores
 
 Layouts
 -------
@@ -27,8 +29,16 @@ Layouts
   ``LoraConfig`` (so alpha survives). Our own ``ss_*`` metadata is written in both layouts.
 
 Reading also takes the files other tools write (kohya sd-scripts for SD1.x/SD2.x/SDXL, LDM UNet names included;
-diffusers/PEFT in every spelling diffusers has used): :mod:`redifine_core.lora_convert` maps them through diffusers'
-own converters and says where and why it keeps code of its own. Writing stays in the two layouts above.
+diffusers/PEFT in every spelling diffusers has used; :mod:`redifine_core.lora_convert` maps them through diffusers'
+own converters and says where and why it keeps code of its own), and the files ComfyUI's own Train LoRA node writes
+(:mod:`redifine_core.lora_comfyui`). Writing stays in the two layouts above.
+
+Fixed deltas: ComfyUI's trainer also trains every norm weight and bias as a full difference (``diff``/``diff_b``).
+They are kept in ``LoraWeights.fixed_deltas``, added to the UNet's parameters (times ``scale``) while the LoRA is
+applied or trained on, and never trained themselves; reading such a file logs one warning line saying so. The kohya
+layout writes them as ``lora_unet_<module>.diff`` / ``.diff_b`` (the names ComfyUI's LoraLoader applies as weight and
+bias differences), with the module paths in the ``redifine_fixed_deltas`` metadata; the diffusers layout has no place
+for them and refuses.
 
 Text-encoder keys in :class:`LoraWeights` always use the ``text_model.encoder...`` module path (the CLIP naming used
 by every LoRA tool); transformers >= 5.6 ``CLIPTextModel`` drops the ``text_model.`` level, which is resolved when the
@@ -38,6 +48,7 @@ LoRA is injected.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,7 +58,11 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import torch
 
 from .atomic import PathLike, save_safetensors
+from .lora_comfyui import (DELTA_METADATA, add_fixed_deltas, check_delta_fits, check_delta_keys, deltas_from_kohya,
+                           deltas_to_kohya, is_comfyui_trainer_layout, read_comfyui_trainer)
 from .lora_convert import check_fits, read_state_dict, unify
+
+log = logging.getLogger(__name__)
 
 LAYOUTS = ("kohya", "diffusers")
 
@@ -75,6 +90,7 @@ class LoraWeights:
     target_modules: tuple[str, ...] = TARGET_GROUPS["attention"]
     metadata: dict[str, str] = field(default_factory=dict)
     text_encoder_2: dict[str, torch.Tensor] = field(default_factory=dict)  # SDXL's second text encoder
+    fixed_deltas: dict[str, torch.Tensor] = field(default_factory=dict)  # UNet parameter path -> added while applied
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -92,6 +108,7 @@ class LoraWeights:
                         f"LoraWeights.{name} key {key!r} is not in peft layout "
                         "('<module path>.lora_A.weight' or '<module path>.lora_B.weight')"
                     )
+        check_delta_keys(self.fixed_deltas, "LoraWeights.fixed_deltas")
 
     @property
     def scale(self) -> float:
@@ -160,7 +177,13 @@ def save_lora(lora: LoraWeights, path: PathLike, layout: str = "kohya") -> Path:
                 tensors[f"{name}.lora_down.weight"] = sd[f"{module}.lora_A.weight"]
                 tensors[f"{name}.lora_up.weight"] = sd[f"{module}.lora_B.weight"]
                 tensors[f"{name}.alpha"] = torch.tensor(lora.alpha, dtype=torch.float32)
+        if lora.fixed_deltas:
+            delta_tensors, metadata[DELTA_METADATA] = deltas_to_kohya(lora.fixed_deltas)
+            tensors.update(delta_tensors)
     else:
+        if lora.fixed_deltas:
+            raise ValueError(f"this LoRA carries {len(lora.fixed_deltas)} fixed deltas (full-weight differences), "
+                             "which only the kohya layout can hold; save it with layout='kohya'")
         adapter_md: dict[str, Any] = {}
         for part in ("unet",) + _TE_FIELDS:
             sd = getattr(lora, part)
@@ -184,7 +207,7 @@ def save_lora(lora: LoraWeights, path: PathLike, layout: str = "kohya") -> Path:
 
 def load_lora(path: PathLike, pipeline: Any = None) -> LoraWeights:
     """Read a LoRA file in any layout :mod:`redifine_core.lora_convert` knows (ours, kohya sd-scripts with diffusers
-    or LDM UNet names, diffusers/PEFT) to :class:`LoraWeights`.
+    or LDM UNet names, diffusers/PEFT, ComfyUI's Train LoRA node) to :class:`LoraWeights`.
 
     With ``pipeline`` (ours or a diffusers one), LDM block numbers are mapped with its UNet config and the LoRA is
     checked to fit it (a LoRA for another architecture is one ValueError naming both).
@@ -203,11 +226,20 @@ def load_lora(path: PathLike, pipeline: Any = None) -> LoraWeights:
     if not raw:
         raise ValueError(f"LoRA file {str(path)!r} holds no tensors")
     source = f"LoRA file {str(path)!r}"
-    tensors, rank, alpha = unify(read_state_dict(raw, metadata, source, pipeline))
+    if is_comfyui_trainer_layout(raw):
+        parts, deltas = read_comfyui_trainer(raw, source, pipeline)
+        if deltas:
+            weights = sum(k.endswith(".weight") for k in deltas)
+            log.warning("%s: %d full-weight differences (%d weights, %d biases) are applied as fixed deltas and not "
+                        "trained", path.name, len(deltas), weights, len(deltas) - weights)
+    else:
+        raw, deltas = deltas_from_kohya(raw, metadata)
+        parts = read_state_dict(raw, metadata, source, pipeline)
+    tensors, rank, alpha = unify(parts)
     for part in _TE_FIELDS:  # canonical text-encoder paths start at text_model. (text_projection sits above it)
         tensors[part] = {k if k.startswith((TE_CANONICAL_PREFIX, "text_projection.")) else TE_CANONICAL_PREFIX + k: v
                          for k, v in tensors[part].items()}
-    md = {k: v for k, v in metadata.items() if k not in ("lora_adapter_metadata", "format")}
+    md = {k: v for k, v in metadata.items() if k not in ("lora_adapter_metadata", "format", DELTA_METADATA)}
     try:
         targets = tuple(json.loads(md.pop("redifine_target_modules", "[]")))
     except ValueError:
@@ -216,7 +248,7 @@ def load_lora(path: PathLike, pipeline: Any = None) -> LoraWeights:
         targets = _infer_targets([k.rsplit(".lora_", 1)[0] for p in tensors for k in tensors[p]])
     lora = LoraWeights(
         unet=tensors["unet"], text_encoder=tensors["text_encoder"], text_encoder_2=tensors["text_encoder_2"],
-        rank=rank, alpha=alpha, target_modules=targets, metadata=md,
+        rank=rank, alpha=alpha, target_modules=targets, metadata=md, fixed_deltas=deltas,
     )
     if pipeline is not None:
         check_lora_fits(lora, pipeline, source)
@@ -225,13 +257,14 @@ def load_lora(path: PathLike, pipeline: Any = None) -> LoraWeights:
 
 def check_lora_fits(lora: LoraWeights, pipeline: Any, source: str = "the LoRA") -> None:
     """Raise one ValueError (naming the LoRA's and the pipeline's architectures) unless every module of ``lora``
-    exists in ``pipeline`` with the LoRA's shapes."""
+    exists in ``pipeline`` with the LoRA's shapes, and every fixed delta has a UNet parameter of its shape."""
 
     def to_model_path(part: str, model: torch.nn.Module, key: str) -> str:
         return key if part == "unet" else te_from_canonical(key, model)
 
     parts = {p: getattr(lora, p) for p in ("unet",) + _TE_FIELDS}
     check_fits(parts, lora.metadata, pipeline, source, to_model_path)
+    check_delta_fits(lora.fixed_deltas, pipeline.unet, source)
 
 
 # ------------------------------------------------------------------------------------------------- inject / remove
@@ -319,7 +352,8 @@ def _text_encoders(pipeline: Any) -> dict[str, Any]:
 def lora_applied(pipeline: Any, lora: Optional[LoraWeights], scale: float = 1.0) -> Iterator[Any]:
     """Inject ``lora`` into the pipeline's UNet (and text encoders) at ``scale``, yield the pipeline, then remove it.
 
-    The pipeline's modules are exactly as before afterwards (same module objects, no peft layers), also on error.
+    The pipeline's modules are exactly as before afterwards (same module objects, no peft layers, the parameters
+    that fixed deltas changed back to their original tensors), also on error.
     ``lora=None`` or ``scale == 0`` yields the pipeline unchanged. A LoRA that does not fit the pipeline (another
     architecture) is one ValueError naming both, before anything is injected.
     """
@@ -331,6 +365,7 @@ def lora_applied(pipeline: Any, lora: Optional[LoraWeights], scale: float = 1.0)
     check_lora_fits(lora, pipeline)
     encoders = _text_encoders(pipeline)
     touched: list[torch.nn.Module] = []
+    restore = add_fixed_deltas(pipeline.unet, lora.fixed_deltas, float(scale))
     try:
         targets = [(pipeline.unet, lora.unet, "unet", lambda k: k)]
         for part in _TE_FIELDS:
@@ -351,3 +386,4 @@ def lora_applied(pipeline: Any, lora: Optional[LoraWeights], scale: float = 1.0)
     finally:
         for model in touched:
             remove_lora_adapters(model)
+        restore()

@@ -54,7 +54,8 @@ _KOHYA_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora
                    ("lora_te_", "text_encoder"))
 _KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 _LYCORIS = {"hada_": "LoHa", "lokr_": "LoKr", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA",
-            "lora_mid": "LoCon with a Tucker middle", ".diff": "full-weight difference", "ia3": "IA3"}
+            "lora_mid": "LoCon with a Tucker middle", ".diff": "full-weight difference", "ia3": "IA3",
+            "oft_": "OFT"}
 _SGM = ("input_blocks", "middle_block", "output_blocks")
 _NOT_SGM = ("down_blocks", "mid_block", "up_blocks")
 
@@ -75,7 +76,7 @@ class ModuleLora:
 Parts = dict[str, dict[str, ModuleLora]]
 
 
-def _bad_keys_message(source: str, keys: list[str]) -> str:
+def bad_keys_message(source: str, keys: list[str]) -> str:
     kinds = sorted({name for k in keys for tag, name in _LYCORIS.items() if tag in k})
     if kinds:
         return (f"{source} is a {'/'.join(kinds)} network, not a plain LoRA ({len(keys)} keys such as {keys[:2]}); "
@@ -105,7 +106,7 @@ def _kohya_parts(raw: Mapping[str, torch.Tensor], source: str, unet_config: Any,
     unknown = [k for k in raw if k.partition(".")[2] not in _KOHYA_SUFFIXES
                or not any(k.startswith(p) for p, _ in _KOHYA_PREFIXES)]
     if unknown:
-        raise ValueError(_bad_keys_message(source, unknown))
+        raise ValueError(bad_keys_message(source, unknown))
     names = {k.partition(".")[0] for k in raw}
     for name in sorted(names):
         for side in ("lora_down.weight", "lora_up.weight"):
@@ -167,7 +168,7 @@ def _collect(out: dict[str, ModuleLora], sd: Mapping[str, torch.Tensor], part: s
             continue
         pairs.setdefault(m.group(1), {})[m.group(2)] = t
     if unknown:
-        raise ValueError(_bad_keys_message(source, unknown))
+        raise ValueError(bad_keys_message(source, unknown))
     for module, t in pairs.items():
         if set(t) != {"A", "B"}:
             raise ValueError(f"{source}: module {part}.{module} lacks its {'B' if 'A' in t else 'A'} matrix")

@@ -53,8 +53,8 @@ import numpy as np
 import torch
 
 from ..data import CaptionedImages
-from ..lora import (TEXT_ENCODER_TARGETS, LoraWeights, add_lora_adapter, remove_lora_adapters, set_lora_state,
-                    te_from_canonical, te_to_canonical)
+from ..lora import (TEXT_ENCODER_TARGETS, LoraWeights, add_fixed_deltas, add_lora_adapter, remove_lora_adapters,
+                    set_lora_state, te_from_canonical, te_to_canonical)
 from ..progress import CancelFlag, ProgressCallback, ProgressEvent, check_cancel, report
 from ..prompt_encoding import check_clip_skip
 from ..vae import encode_moments, scale_latents
@@ -124,6 +124,7 @@ class LoraTrainer:
         self.sample_indices: list[list[int]] = []
         self._closed = False
         self._injected: list[torch.nn.Module] = []
+        self._restore_deltas: Any = None
         self.borrowed: Optional[BorrowedPipeline] = None
 
         from diffusers import DDPMScheduler
@@ -165,6 +166,11 @@ class LoraTrainer:
                 + ("does not include" if lora.text_encoder else "includes") + " 'text_encoder'"
             )
 
+    def _unet_targets(self) -> list[str]:
+        """The config's target modules plus every UNet module the initial LoRA has (which keep training)."""
+        extra = self.init_lora.modules("unet") if self.init_lora is not None else []
+        return list(dict.fromkeys(list(self.config.unet_target_modules) + extra))
+
     def _text_parts(self) -> list[tuple[str, Any, Any]]:
         return self.text_encoder.parts()
 
@@ -200,11 +206,13 @@ class LoraTrainer:
         # phase 3: the adapter (fp32 LoRA parameters on frozen weights), checkpointing, train mode, optimizer
         for m in trained:  # frozen inference tensors cannot be saved for backward
             replace_inference_tensors(m)
+        if self.init_lora is not None:  # its fixed deltas (full-weight differences) stay applied, frozen
+            self._restore_deltas = add_fixed_deltas(unet, self.init_lora.fixed_deltas)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self._init_seed)
             for m in trained:
                 self._injected.append(m)
-                add_lora_adapter(m, c.rank, c.alpha, c.unet_target_modules if m is unet else TEXT_ENCODER_TARGETS)
+                add_lora_adapter(m, c.rank, c.alpha, self._unet_targets() if m is unet else TEXT_ENCODER_TARGETS)
         if self.init_lora is not None:
             set_lora_state(unet, self.init_lora.unet, "unet")
             if self.train_te:
@@ -381,7 +389,8 @@ class LoraTrainer:
         if metadata:
             md.update({str(k): str(v) for k, v in metadata.items()})
         return LoraWeights(unet=unet_sd, text_encoder=te_sds["text_encoder"], text_encoder_2=te_sds["text_encoder_2"],
-                           rank=c.rank, alpha=float(c.alpha), target_modules=c.unet_target_modules, metadata=md)
+                           rank=c.rank, alpha=float(c.alpha), target_modules=c.unet_target_modules, metadata=md,
+                           fixed_deltas=dict(self.init_lora.fixed_deltas) if self.init_lora is not None else {})
 
     def close(self) -> None:
         """Remove the adapter and put the pipeline back as it was; safe to call twice."""
@@ -391,6 +400,8 @@ class LoraTrainer:
         for m in self._injected:
             remove_lora_adapters(m)
         self._injected = []
+        if self._restore_deltas is not None:
+            self._restore_deltas()
         if self.borrowed is not None:
             self.borrowed.restore()
         self.optimizer = self.lr_schedule = None  # type: ignore[assignment]
