@@ -3,6 +3,7 @@
     TrainConfig, TrainResult, TARGETS, MIXED_PRECISION     config.py
     PrecisionRecipe, resolve_precision                    precision.py   (autocast dtype and loss scaling)
     LatentCache, TextCache, ResizedImages                 caches.py      (what a step reads, prepared once)
+    BatchOrder, bucket_sizes, assign_buckets              buckets.py     (aspect-ratio buckets and the sample order)
     BorrowedPipeline                                      borrow.py      (what training changes on the pipeline, put back)
     noisy_and_target, diffusion_loss                      objective.py   (the target and the min-SNR weighted loss)
     OPTIMIZERS, LR_SCHEDULERS                             optim.py       (optimizers and diffusers' schedules by name)
@@ -13,6 +14,7 @@
 """
 
 from .borrow import BorrowedPipeline
+from .buckets import BatchOrder, assign_buckets, bucket_sizes
 from .caches import LatentCache, ResizedImages, TextCache, _resize_short_side, _to_pixels
 from .config import MIXED_PRECISION, TARGETS, TrainConfig, TrainResult
 from .metadata import training_metadata
@@ -24,6 +26,7 @@ from .trainer import LoraTrainer, finetune_lora
 __all__ = [
     "MIXED_PRECISION", "TARGETS", "TrainConfig", "TrainResult", "PrecisionRecipe", "resolve_precision",
     "LatentCache", "BorrowedPipeline", "ResizedImages", "TextCache", "LoraTrainer", "finetune_lora", "noisy_and_target",
-    "diffusion_loss", "OPTIMIZERS", "LR_SCHEDULERS", "training_metadata",
+    "diffusion_loss", "OPTIMIZERS", "LR_SCHEDULERS", "training_metadata", "BatchOrder", "assign_buckets",
+    "bucket_sizes",
     "_resize_short_side", "_to_pixels",
 ]
