@@ -28,7 +28,8 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from .single_file import (CONFIG_ROOT, _assign_weights, _load_scheduler, _load_tokenizer, detect_architecture,
+from .clip_tokenizer import load_clip_tokenizer
+from .single_file import (CONFIG_ROOT, _assign_weights, _load_scheduler, detect_architecture,
                           read_json)
 
 UNET_PREFIX = "model.diffusion_model."
@@ -127,7 +128,7 @@ def pipeline_from_original(
     unet_config = read_json(cfg_dir / "unet" / "config.json")
     index = read_json(cfg_dir / "model_index.json")
     te_config = transformers.CLIPTextConfig.from_pretrained(str(cfg_dir / "text_encoder"), local_files_only=True)
-    tokenizer = _load_tokenizer("tokenizer", te_config, cfg_dir, tokenizer_dir, Path(source))
+    tokenizer = load_clip_tokenizer("tokenizer", te_config, cfg_dir, tokenizer_dir, Path(source))
     scheduler = _load_scheduler(cfg_dir, index, prediction_type)
 
     with init_empty_weights():

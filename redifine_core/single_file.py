@@ -3,51 +3,43 @@
 The architecture is detected from the key names (SD1.x: ``cond_stage_model.transformer.*``; SD2.x: OpenCLIP
 ``cond_stage_model.model.*``; SDXL: ``conditioner.embedders.0/1.*``), the matching configs bundled under
 ``redifine_core/configs/<kind>/`` (or ``config_dir``) give the module shapes, and the weights are converted with
-diffusers' own original->diffusers converters. The CLIP tokenizer vocabulary is not bundled: it comes from
-``tokenizer_dir`` (a folder holding ``vocab.json`` + ``merges.txt`` or ``tokenizer.json``, such as ComfyUI's
-``comfy/sd1_tokenizer``, or a diffusers model folder with a ``tokenizer/`` subfolder), ``$REDIFINE_TOKENIZER_DIR``, or
-a ComfyUI checkout; its maximum length is always forced to the text encoder's 77 positions.
+diffusers' own original->diffusers converters. The CLIP tokenizer comes from ``tokenizer_dir`` (a folder holding
+``vocab.json`` + ``merges.txt`` or ``tokenizer.json``, or a diffusers model folder with a ``tokenizer/`` subfolder),
+``$REDIFINE_TOKENIZER_DIR``, a ComfyUI checkout, and otherwise the CLIP vocabulary bundled with the package
+(``clip_vocab``) for any text encoder with CLIP's 49408 ids; its maximum length is always forced to the text encoder's
+77 positions.
 
 SD2.x: whether a checkpoint predicts epsilon (the 512-px "base" models) or v (the 768-px models) cannot be read from
 its weights. The default is ``"v_prediction"`` at 768 px (SD 2.0-v / 2.1, the flagship releases) unless the file
 stores ``global_step == 875000`` (2.0-base); pass ``prediction_type="epsilon"`` for the 512-px base models.
 
 **Host memory.** Weights go straight into the target dtype, one component and one tensor at a time: each module is
-built on the meta device (accelerate's ``init_empty_weights``), each of its tensors is read with a plain file read at
-the offset the safetensors header gives and cast as it is read (only the cast copy survives), diffusers' converter
-renames the component's tensors (views, no copies), and ``load_state_dict(assign=True)`` adopts them. Every check that
-needs no weights (layout, configs, missing parts, tokenizer) runs before the first weight is read. Our own header
-reader replaces ``safetensors.safe_open`` / ``load_file`` on purpose: those mmap the whole file and every touched page
-counts in the process's RSS, so the file (6.9 GB for SDXL fp16) sat on top of the fp32 copies (13.9 GB). Measured on
-a full-size random-weight SD1.5 fp16 file (2.13 GB; 4.26 GB of fp32 weights), peak RSS of a fresh process with every
-weight touched (0.44 GB of it is torch/diffusers/transformers imports): fp32 load 6.70 GB with ``load_file`` + cast,
-4.67 GB with this reader (1.10x the weights); bf16 load 4.62 GB before, 2.59 GB now (1.21x the file). The text encoders
-load first and the UNet last: the OpenCLIP converter clones the q/k/v slices of each fused projection, and that
-transient copy is then paid while little else is loaded. On a GPU each component moves to the device as soon as it is
-built, so host memory holds at most one component.
+built on the meta device (accelerate's ``init_empty_weights``), each tensor is read at the offset the safetensors
+header gives and cast as it is read, diffusers' converter renames the tensors (views, no copies), and
+``load_state_dict(assign=True)`` adopts them. Every check that needs no weights runs before the first weight is read.
+Our own header reader replaces ``safetensors.safe_open`` / ``load_file``, whose mmap counts every touched page of the
+file in the process's RSS on top of the cast copies; text encoders load first, the UNet last; on a GPU each component
+moves there as soon as it is built. Measured peaks: docs/benchmarks.md.
 
-**Why not diffusers' public ``from_single_file``.** It goes through ``load_single_file_checkpoint``, which reads the
-whole file into one dict of tensors (safetensors' ``load_file``) before converting, so its peak is the file plus the
-model: 1.6-2.2x the weights on full-size SD1.5/SDXL against 1.04-1.24x for this reader (docs/benchmarks.md). The key
-renaming is still diffusers' own (``diffusers.loaders.single_file_utils``). ``tests/test_single_file.py::
-test_the_reason_for_our_reader_diffusers_from_single_file_holds_the_whole_file_at_once`` pins this reason: it fails
-when diffusers stops holding every tensor of the file at once, and then this reader should give way to
-``from_single_file``.
+**Why not diffusers' public ``from_single_file``.** It reads the whole file into one dict of tensors before
+converting, so its peak is the file plus the model (docs/benchmarks.md). The key renaming is still diffusers' own
+(``diffusers.loaders.single_file_utils``). ``tests/test_single_file.py::
+test_the_reason_for_our_reader_diffusers_from_single_file_holds_the_whole_file_at_once`` fails when diffusers stops
+holding the whole file at once; then this reader should give way to ``from_single_file``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import torch
+
+from .clip_tokenizer import load_clip_tokenizer
 
 PathLike = Union[str, os.PathLike]
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -270,7 +262,7 @@ def single_file_components(
             raise ValueError(f"{path}: no text-encoder weights under {prefix}* in the checkpoint")
         config = transformers.CLIPTextConfig.from_pretrained(str(cfg_dir / folder), local_files_only=True)
         encoders.append((folder, class_name, prefix, config))
-    tokenizers = [_load_tokenizer(name.replace("text_encoder", "tokenizer"), config, cfg_dir, tokenizer_dir, path)
+    tokenizers = [load_clip_tokenizer(name.replace("text_encoder", "tokenizer"), config, cfg_dir, tokenizer_dir, path)
                   for name, _, _, config in encoders]
     scheduler = _load_scheduler(cfg_dir, index, prediction_type)
 
@@ -378,83 +370,3 @@ def _load_scheduler(cfg_dir: Path, index: dict, prediction_type: Optional[str]) 
         timestep_spacing=config.get("timestep_spacing", "leading"),
         prediction_type=prediction_type or config.get("prediction_type", "epsilon"),
     )
-
-
-# -------------------------------------------------------------------------------------------------------- tokenizer
-
-
-def _tokenizer_sources(name: str, cfg_dir: Path, tokenizer_dir: Optional[PathLike]) -> list[Path]:
-    """Every folder that may hold the CLIP BPE files, in the order they are tried."""
-    places: list[Path] = []
-    if tokenizer_dir is not None:
-        base = Path(tokenizer_dir).expanduser()
-        places += [base / name, base / "tokenizer", base]
-    places.append(cfg_dir / name)
-    env = os.environ.get("REDIFINE_TOKENIZER_DIR")
-    if env:
-        places += [Path(env) / name, Path(env)]
-    comfy_root = Path(os.environ.get("COMFYUI_ROOT", "~/ComfyUI")).expanduser()
-    places.append(comfy_root / "comfy" / "sd1_tokenizer")
-    try:  # the installed ComfyUI's own copy, located without importing ComfyUI
-        spec = importlib.util.find_spec("comfy")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is not None and spec.submodule_search_locations:
-        places += [Path(p) / "sd1_tokenizer" for p in spec.submodule_search_locations]
-    seen: list[Path] = []
-    for p in places:
-        if p not in seen:
-            seen.append(p)
-    return seen
-
-
-def _has_tokenizer_files(folder: Path) -> bool:
-    return (folder / "tokenizer.json").is_file() or (
-        (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
-    )
-
-
-def _load_tokenizer(name: str, config: Any, cfg_dir: Path, tokenizer_dir: Optional[PathLike], path: Path) -> Any:
-    """A CLIPTokenizer from the first folder with BPE files, with the configured special tokens and max length 77.
-
-    ``config`` is the text encoder's ``CLIPTextConfig`` (its position count and vocabulary size are checked).
-    """
-    from transformers import CLIPTokenizer
-
-    places = _tokenizer_sources(name, cfg_dir, tokenizer_dir)
-    found = next((p for p in places if _has_tokenizer_files(p)), None)
-    if found is None:
-        raise FileNotFoundError(
-            f"{path}: the {name} vocabulary was not found: need vocab.json and merges.txt (or tokenizer.json) in one "
-            f"of: {', '.join(str(p) for p in places)}. Pass tokenizer_dir= a folder with those files, for example "
-            "ComfyUI's comfy/sd1_tokenizer or the tokenizer/ folder of a diffusers Stable Diffusion model"
-        )
-    max_length = int(config.max_position_embeddings)
-    tok_config: dict[str, Any] = {}
-    for candidate in (cfg_dir / name / "tokenizer_config.json", found / "tokenizer_config.json"):
-        if candidate.is_file():
-            tok_config = read_json(candidate)
-            break
-    tok_config.update(tokenizer_class="CLIPTokenizer", model_max_length=max_length)
-    tok_config.setdefault("pad_token", "<|endoftext|>")
-    with tempfile.TemporaryDirectory(prefix="redifine_tok_") as tmp:
-        for fname in ("vocab.json", "merges.txt", "tokenizer.json"):
-            if (found / fname).is_file():
-                shutil.copyfile(found / fname, Path(tmp) / fname)
-        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(tok_config))
-        try:
-            tokenizer = CLIPTokenizer.from_pretrained(tmp, local_files_only=True)
-        except Exception as exc:
-            raise ValueError(f"{found}: could not build a CLIP tokenizer from its files ({exc})") from exc
-    _check_tokenizer(tokenizer, int(config.vocab_size), found)
-    return tokenizer
-
-
-def _check_tokenizer(tokenizer: Any, vocab: int, folder: Path) -> None:
-    """Refuse a tokenizer that cannot drive this text encoder (wrong vocabulary size, no special tokens)."""
-    ids = tokenizer("a photo of a cat", padding="max_length", max_length=tokenizer.model_max_length).input_ids
-    if len(tokenizer) > vocab or max(ids) >= vocab or tokenizer.bos_token_id is None or ids[0] != tokenizer.bos_token_id:
-        raise ValueError(
-            f"{folder}: the tokenizer (size {len(tokenizer)}) does not match the text encoder (vocabulary {vocab}); "
-            "expected the CLIP BPE vocabulary of this model"
-        )
