@@ -359,3 +359,21 @@ def test_progress_events_carry_the_stage_as_a_field(tmp_path):
               progress=events.append, backend=FakeBackend().backend(), render=False)
     stages = [e.extra.get("stage") for e in events if e.phase == "chain"]
     assert stages == ["training", "sampling", "metrics", "verdict", "complete"]
+
+
+def test_generation_uses_the_text_layer_the_lora_was_trained_on(tmp_path):
+    from dataclasses import replace
+
+    seen = []
+
+    def generate_batches(pipeline, prompts, schedule, steps=20, seeds=0, *, batch_size=8, **kw):
+        seen.append(kw.get("clip_skip"))
+        yield list(range(len(prompts))), np.zeros((len(prompts), 16, 16, 3), np.float32)
+
+    for clip_skip in (None, 2):
+        cfg = _cfg(iterations=1, methods=(MethodConfig("low", cfg=1.5),))
+        cfg = replace(cfg, train=replace(cfg.train, clip_skip=clip_skip))
+        b = FakeBackend().backend()
+        b.generate_batches = generate_batches
+        run_chain(PIPE, _dataset(), cfg, tmp_path / f"skip_{clip_skip}", backend=b, render=False)
+    assert seen == [None, 2]

@@ -14,7 +14,8 @@ Our choices, documented:
 * Memory. Generation streams: each batch is written as PNGs (atomically) and folded into a ``metrics.SetSummary``
   (per-image statistics and feature vectors), so no generated set is ever held as float images; the previous set's
   summary is rebuilt from its PNGs, and the next training set is read from the PNGs as 8-bit images.
-* LoRAs. Each LoRA is saved (kohya layout) and read back before it is used for sampling or as ``init_lora``.
+* LoRAs. Each LoRA is saved (kohya layout) and read back before it is used for sampling or as ``init_lora``. With
+  ``config.init_lora`` iteration 0's LoRA is that file, copied untrained.
 """
 
 from __future__ import annotations
@@ -222,6 +223,8 @@ def train_lora(run: _Run, unit: Unit) -> tuple[Any, Any, int]:
     init = None
     if config.protocol == "continue" and i > 0:
         init = run.backend.load_lora(folder.lora_path(m, S, i - 1))
+    elif config.init_lora is not None:
+        init = run.backend.load_lora(config.init_lora)
     tcfg = dataclasses.replace(config.train, cond_drop=float(unit.method.cond_drop or 0.0),
                                seed=train_seed(getattr(config.train, "seed", 0), S, i))
     extra = {"processes": run.train_processes} if run.train_processes is not None else {}
@@ -233,6 +236,11 @@ def train_lora(run: _Run, unit: Unit) -> tuple[Any, Any, int]:
 def _train(run: _Run, unit: Unit) -> Any:
     """LoRA_i on D_i, saved and read back (sampling uses exactly what a resumed run would read)."""
     folder, config, m, S, i = run.folder, run.config, unit.method.name, unit.seed, unit.iteration
+    if config.init_lora is not None and i == 0:  # iteration 0 is the given LoRA itself, copied into the run
+        run.backend.save_lora(run.backend.load_lora(config.init_lora), folder.lora_path(m, S, i))
+        write_json(folder.train_json(m, S, i), {"losses": [], "seconds": 0.0, "init_lora": config.init_lora,
+                                                "protocol": config.protocol, "dataset_size": 0})
+        return run.backend.load_lora(folder.lora_path(m, S, i))
     t0 = time.perf_counter()
     tres, tcfg, n_train = train_lora(run, unit)
     run.backend.save_lora(tres.lora, folder.lora_path(m, S, i))
@@ -251,6 +259,8 @@ def _batches(run: _Run, unit: Unit, prompts: list[str], seeds: list[int], lora: 
     kw = dict(steps=config.steps, negative_prompt=config.negative_prompt, sampler=config.sampler, width=width,
               height=height, batch_size=b, lora=lora, lora_scale=config.lora_scale, iteration=unit.iteration,
               progress=run.nested(unit), cancel=run.cancel)
+    if config.train.clip_skip is not None:  # sample with the text layer the LoRA was trained on
+        kw["clip_skip"] = config.train.clip_skip
     stream = run.backend.generate_batches(run.pipeline, prompts, unit.method.guidance, seeds=seeds, **kw)
     with contextlib.closing(stream):
         for idx, images in stream:
