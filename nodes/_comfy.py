@@ -7,17 +7,25 @@ interrupted, empty model lists.
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 from typing import Any, Optional
 
 
+def _optional(module: str):
+    """The ComfyUI module ``module``, or None when it is absent (outside ComfyUI). Only its absence is caught: an
+    error raised while ComfyUI's module imports shows as itself."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and (module == e.name or module.startswith(e.name + ".")):
+            return None
+        raise
+
+
 def folder_paths():
     """ComfyUI's ``folder_paths`` module, or None outside ComfyUI."""
-    try:
-        import folder_paths as fp
-    except Exception:
-        return None
-    return fp
+    return _optional("folder_paths")
 
 
 def filename_list(folder: str) -> list[str]:
@@ -26,7 +34,7 @@ def filename_list(folder: str) -> list[str]:
         return []
     try:
         return list(fp.get_filename_list(folder))
-    except Exception:  # an unknown folder name
+    except KeyError:  # a folder name this ComfyUI does not know
         return []
 
 
@@ -36,7 +44,7 @@ def folder_dirs(folder: str) -> list[str]:
         return []
     try:
         return list(fp.get_folder_paths(folder))
-    except Exception:
+    except KeyError:  # a folder name this ComfyUI does not know
         return []
 
 
@@ -62,9 +70,8 @@ def temp_directory() -> str:
 
 def sd1_tokenizer_dir() -> Optional[str]:
     """ComfyUI's bundled CLIP BPE tokenizer files (``comfy/sd1_tokenizer``), used for single-file checkpoints."""
-    try:
-        import comfy
-    except Exception:
+    comfy = _optional("comfy")
+    if comfy is None:
         return None
     # ``comfy`` has no __init__.py in ComfyUI 0.3.x: a namespace package, whose __file__ is None. Its __path__ lists
     # the folder(s) it lives in, for regular and namespace packages alike.
@@ -80,12 +87,8 @@ def sd1_tokenizer_dir() -> Optional[str]:
 
 def interrupt_exception_type() -> type:
     """``comfy.model_management.InterruptProcessingException`` (or a stand-in outside ComfyUI)."""
-    try:
-        import comfy.model_management as mm
-
-        return mm.InterruptProcessingException
-    except Exception:
-        return _StandaloneInterrupt
+    mm = _optional("comfy.model_management")
+    return _StandaloneInterrupt if mm is None else mm.InterruptProcessingException
 
 
 class _StandaloneInterrupt(Exception):
@@ -93,18 +96,16 @@ class _StandaloneInterrupt(Exception):
 
 
 def processing_interrupted() -> bool:
-    try:
-        import comfy.model_management as mm
-    except Exception:
+    mm = _optional("comfy.model_management")
+    if mm is None:
         return False
     return bool(mm.processing_interrupted())
 
 
 def raise_interrupted() -> None:
     """Raise ComfyUI's InterruptProcessingException (resetting its flag the way ComfyUI does)."""
-    try:
-        import comfy.model_management as mm
-    except Exception:
+    mm = _optional("comfy.model_management")
+    if mm is None:
         raise _StandaloneInterrupt("processing interrupted")
     mm.throw_exception_if_processing_interrupted()  # raises and clears the flag when it is set
     raise mm.InterruptProcessingException()
@@ -112,11 +113,10 @@ def raise_interrupted() -> None:
 
 def progress_bar(total: int, node_id: Any = None):
     """A ``comfy.utils.ProgressBar`` or None outside ComfyUI."""
-    try:
-        import comfy.utils
-    except Exception:
+    utils = _optional("comfy.utils")
+    if utils is None:
         return None
-    return comfy.utils.ProgressBar(max(1, int(total)), node_id=node_id)
+    return utils.ProgressBar(max(1, int(total)), node_id=node_id)
 
 
 def patcher_extension():
@@ -127,9 +127,8 @@ def patcher_extension():
 
 def torch_device():
     """ComfyUI's compute device (respects --cpu), or None outside ComfyUI (the core then picks)."""
-    try:
-        import comfy.model_management as mm
-    except Exception:
+    mm = _optional("comfy.model_management")
+    if mm is None:
         return None
     return mm.get_torch_device()
 
@@ -147,9 +146,8 @@ def loras_directory() -> str:
 
 def offload_device():
     """Where ComfyUI parks models between uses (``unet_offload_device()``), or None outside ComfyUI."""
-    try:
-        import comfy.model_management as mm
-    except Exception:
+    mm = _optional("comfy.model_management")
+    if mm is None:
         return None
     return mm.unet_offload_device()
 
@@ -161,9 +159,8 @@ def free_memory(required_bytes: int, device: Any, evict: tuple = ()) -> None:
     shared-weights pipeline borrows its tensors from, so ComfyUI's bookkeeping never says "on the GPU" for weights we
     move). ``current_loaded_models`` is read only to build ``free_memory``'s own ``keep_loaded`` argument.
     """
-    try:
-        import comfy.model_management as mm
-    except Exception:
+    mm = _optional("comfy.model_management")
+    if mm is None:
         return
     if evict:
         roots = [id(m) for m in evict]
@@ -174,18 +171,16 @@ def free_memory(required_bytes: int, device: Any, evict: tuple = ()) -> None:
 
 def empty_cache() -> None:
     """``soft_empty_cache()``: give cached accelerator memory back (no-op on CPU and outside ComfyUI)."""
-    try:
-        import comfy.model_management as mm
-    except Exception:
+    mm = _optional("comfy.model_management")
+    if mm is None:
         return
     mm.soft_empty_cache()
 
 
 def minimum_inference_memory() -> int:
     """ComfyUI's reserve for activations (bytes), or 1 GiB outside ComfyUI."""
-    try:
-        import comfy.model_management as mm
-    except Exception:
+    mm = _optional("comfy.model_management")
+    if mm is None:
         return 1 << 30
     return int(mm.minimum_inference_memory())
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from redifine_core.chain import PROTOCOLS, RunFolder, parse_method_line, parse_methods  # noqa: F401 (re-exported)
 from redifine_core.report_answer import plain_answer, with_lane_readings
 
@@ -59,8 +57,7 @@ class ChainProgress(ProgressAdapter):
         preview = None
         if event.phase == "chain":
             self.unit, self.total = int(event.step), max(1, int(event.total))
-            # the stage travels as a field; the message fallback serves events built without it (older tests)
-            stage = extra.get("stage") or str(event.message).rsplit(": ", 1)[-1]
+            stage = extra.get("stage", "")
             frac = {"sampling": self.SPANS["sample"][0], "metrics": self.SPANS["metrics"][0]}.get(stage, 0.0)
             if stage == "metrics":
                 preview = self._newest_image(extra)
@@ -120,12 +117,9 @@ class ReDiFineChain:
 
     @classmethod
     def INPUT_TYPES(cls):
-        try:
-            from .generate import sampler_names
+        from .generate import sampler_names
 
-            samplers = sampler_names()
-        except Exception:
-            samplers = ["ddim"]
+        samplers = sampler_names()
         return {"required": {
             "pipeline": ("REDIFINE_PIPELINE", {"tooltip": "The base model (from ReDiFine Load Pipeline)."}),
             "dataset": ("REDIFINE_DATASET", {"tooltip": "D0: the captioned images the chain starts from."}),
@@ -135,7 +129,7 @@ class ReDiFineChain:
                            "How many finetune-and-regenerate rounds."}),
             "methods": ("STRING", {"default": "baseline 7.5\nredifine", "multiline": True, "tooltip":
                         "One method per line: 'baseline <cfg>' (constant CFG, no condition drop), 'redifine' "
-                        "(condition drop + decaying CFG schedule; options cond_drop=, schedule=) or "
+                        "(condition drop + the redifine CFG schedule preset; options cond_drop=, schedule=) or "
                         "'custom schedule=<spec> cond_drop=<p>'. Prefix 'name: ' to label a line."}),
             "steps": ("INT", widget("steps", 20, "Denoising steps per generated image.")),
             "sampler": (samplers, {"default": "ddim", "tooltip": "The denoising sampler for generation."}),

@@ -6,21 +6,16 @@ from .common import (CATEGORY, ComfyCancel, ProgressAdapter, bound_error, comfy_
                      run_checks, schedule_error, widget)
 from .gpu import KEEP_LOADED_TOOLTIP, on_device
 
-FALLBACK_SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "pndm")
-
-
 def sampler_names() -> list[str]:
-    try:
-        from redifine_core.sampling import SAMPLERS
+    """The samplers the core's denoising loop knows."""
+    from redifine_core.sampling import SAMPLERS
 
-        return list(SAMPLERS)
-    except Exception:  # the core is importable but incomplete: keep the node listable
-        return list(FALLBACK_SAMPLERS)
+    return list(SAMPLERS)
 
 
 class ReDiFineGenerate:
     DESCRIPTION = ("Generates one image per prompt line with a CFG schedule: a constant ('7.5') or a per-step "
-                   "schedule (e.g. the 'redifine' preset) that lowers guidance as denoising proceeds; steps where the "
+                   "schedule (e.g. the 'redifine' preset or another reading, docs/schedules.md); steps where the "
                    "scale is 1 skip the unconditional pass. Image i uses seed + i, so results are reproducible.")
     CATEGORY = CATEGORY
     FUNCTION = "generate"

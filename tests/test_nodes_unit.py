@@ -345,14 +345,14 @@ def test_chain_progress_is_one_steady_bar_with_a_preview(tmp_path, monkeypatch):
     Image.new("RGB", (8, 8), (255, 0, 0)).save(img_dir / "0000_00.png")
     prog = chain_mod.ChainProgress("7", str(tmp_path))
     ctx = {"unit": 0, "method": "m", "seed": 0, "iteration": 0}
-    prog(ProgressEvent("chain", 0, 2, message="m: training", extra=dict(ctx)))
+    prog(ProgressEvent("chain", 0, 2, message="m: training", extra=dict(ctx, stage="training")))
     for s in (1, 2):
         prog(ProgressEvent("train", s, 2, extra=dict(ctx)))
     for s in (1, 2):
         prog(ProgressEvent("sample", s, 2, extra=dict(ctx)))
-    prog(ProgressEvent("chain", 0, 2, message="m: metrics", extra=dict(ctx)))
+    prog(ProgressEvent("chain", 0, 2, message="m: metrics", extra=dict(ctx, stage="metrics")))
     prog(ProgressEvent("metrics", 1, 1, extra=dict(ctx)))
-    prog(ProgressEvent("chain", 1, 2, message="m: stable", extra=dict(ctx)))
+    prog(ProgressEvent("chain", 1, 2, message="m: stable", extra=dict(ctx, stage="verdict")))
     values = [v for v, _, _ in calls]
     assert all(t == chain_mod.ChainProgress.RESOLUTION for _, t, _ in calls)
     assert values[2] == 300 and values[4] == 475 and values[-1] == 500  # train 60%, sample 35% of unit 1 of 2
