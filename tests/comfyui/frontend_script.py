@@ -1,12 +1,13 @@
 """Drive the real ComfyUI frontend in headless Chromium (run with a Python that has playwright).
 
-    python frontend_script.py check   URL WORKFLOW_DIR SHOT_DIR   -> JSON report on stdout, screenshots in SHOT_DIR
+    python frontend_script.py check   URL PACK SHOT_DIR           -> JSON report on stdout, screenshots in SHOT_DIR
     python frontend_script.py convert URL WORKFLOW_DIR             -> (maintainer tool) rebuild UI workflows from
                                                                        example_workflows/api/*.api.json + notes.json
 
-``check`` loads every UI workflow the way a user's "Open" does (``app.loadGraphData``) and reports, per workflow, the
-node types the frontend does not know and every node's widget values by name, for the test to compare with the
-workflow's API twin. Only the system Chromium is used (never a downloaded browser).
+``check`` opens every template the server lists for the pack PACK the way a user does (Browse Templates, the pack's
+category, the card: the frontend fetches the template from the server) and reports, per template, whether its
+thumbnail showed, the page errors and console errors while it opened, the node types the frontend does not know and
+every node's widget values by name, for the test to compare with the workflow's API twin. Only the system Chromium is used (never a downloaded browser).
 """
 
 from __future__ import annotations
@@ -26,17 +27,50 @@ WIDGETS_JS = """() => app.graph._nodes.map(n => ({
 }))"""
 
 
+FRESH_PROFILE_404 = ("/user.css", "/favicon.ico", "/api/userdata/user.css", "/api/userdata/comfy.templates.json",
+                     "/api/userdata?dir=workflows&", "/api/userdata?dir=subgraphs%2F&")
+"""Files a new ComfyUI user does not have yet: the frontend asks for them at startup and logs the 404 as an error."""
+
+
 def _open(p, url):
+    """A browser page on the frontend, ready to use, and the list its page errors and console errors go to (each
+    ``{"kind", "text", "url"}``), startup's included; the 404s of ``FRESH_PROFILE_404`` at startup are left out."""
     browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
     page = browser.new_page(viewport={"width": 1600, "height": 900})
     errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("pageerror", lambda e: errors.append({"kind": "pageerror", "text": f"{e.message}\n{e.stack}", "url": ""}))
+    page.on("console", lambda m: errors.append({"kind": "console", "text": m.text, "url": m.location.get("url", "")})
+            if m.type == "error" else None)
     page.goto(url)
     page.wait_for_function("window.app && window.app.graph && window.LiteGraph && app.vueAppReady !== false",
                            timeout=90000)
     page.wait_for_timeout(1500)
     page.keyboard.press("Escape")
+    errors[:] = [e for e in errors if not (e["text"].startswith("Failed to load resource") and e["url"].startswith(url)
+                                           and e["url"][len(url):].startswith(FRESH_PROFILE_404))]
     return browser, page, errors
+
+
+def open_template(page, module: str, name: str) -> bool:
+    """Open a custom pack's template as a user does: Browse Templates, the pack's category, the card. True when the
+    card's thumbnail image was shown (loaded with a size) before the click."""
+    page.evaluate("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    page.locator('[data-testid="template-workflows-content"]').wait_for(timeout=30000)
+    page.get_by_role("option", name=module, exact=True).click()
+    card = page.locator(f'[data-testid="template-workflow-{name}"]')
+    card.wait_for(timeout=30000)
+    try:
+        card.locator("img").first.wait_for(timeout=15000)
+        page.wait_for_function("(el) => el.complete && el.naturalWidth > 0",
+                               arg=card.locator("img").first.element_handle(), timeout=15000)
+        thumbnail = True
+    except Exception:
+        thumbnail = False
+    card.click()
+    page.locator('[data-testid="template-workflows-content"]').wait_for(state="detached", timeout=30000)
+    page.wait_for_function("(n) => app.extensionManager.workflow.activeWorkflow?.filename === n", arg=name,
+                           timeout=30000)
+    return thumbnail
 
 
 def _strip_nulls(x, key=None):
@@ -63,16 +97,18 @@ FIT_JS = """() => {
 }"""
 
 
-def check(url: str, wf_dir: Path, shot_dir: Path) -> dict:
+def check(url: str, module: str, shot_dir: Path) -> dict:
     from playwright.sync_api import sync_playwright
 
     report = {}
     shot_dir.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser, page, errors = _open(p, url)
-        for path in sorted(wf_dir.glob("*.json")):
-            wf = json.loads(path.read_text())
-            page.evaluate("async (wf) => { await app.loadGraphData(wf[0], true, true, wf[1]); }", [wf, path.stem])
+        report["_startup_errors"] = list(errors)
+        names = page.evaluate("async () => (await (await fetch('/api/workflow_templates')).json())")[module]
+        for name in names:
+            errors.clear()
+            thumbnail = open_template(page, module, name)
             page.wait_for_timeout(800)
             page.keyboard.press("Escape")
             # a missing-node dialog names the unknown types; also look at the graph itself
@@ -81,11 +117,11 @@ def check(url: str, wf_dir: Path, shot_dir: Path) -> dict:
             nodes = page.evaluate(WIDGETS_JS)
             page.evaluate(FIT_JS)
             page.wait_for_timeout(600)
-            page.screenshot(path=str(shot_dir / (path.stem + ".png")))
-            report[path.stem] = {"nodes": nodes, "missing_dialog": dialog, "invalid_alerts": invalid}
+            page.screenshot(path=str(shot_dir / (name + ".png")))
+            report[name] = {"nodes": nodes, "missing_dialog": dialog, "invalid_alerts": invalid,
+                            "thumbnail_shown": thumbnail, "errors": list(errors)}
             page.evaluate("() => document.querySelectorAll('.p-toast-message .p-toast-close-button')"
                           ".forEach(b => b.click())")
-        report["_page_errors"] = errors
         browser.close()
     return report
 
@@ -156,7 +192,7 @@ def convert(url: str, wf_dir: Path) -> None:
 if __name__ == "__main__":
     mode, url, wf = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     if mode == "check":
-        print(json.dumps(check(url, wf, Path(sys.argv[4]))))
+        print(json.dumps(check(url, sys.argv[3], Path(sys.argv[4]))))
     elif mode == "run":
         run_shots(url, wf, Path(sys.argv[4]), sys.argv[5:])
     elif mode == "convert":

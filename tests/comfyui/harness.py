@@ -96,8 +96,13 @@ class ComfyServer:
         self.log_path = self.tmp / "comfyui.log"
         settings = self.tmp / "user" / "default" / "comfy.settings.json"  # no first-run template dialog in tests
         settings.parent.mkdir(parents=True, exist_ok=True)
+        # The two mouse settings are stored with the values the default navigation mode ("legacy") gives them: left
+        # unset, frontend 1.27.10 raises "Cannot read properties of undefined (reading 'id')" on every page load
+        # (registering the mode setting sets them before they are registered; Comfy-Org/ComfyUI_frontend#6747).
         settings.write_text(json.dumps({"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False,
-                                        "LiteGraph.Canvas.MinFontSizeForLOD": 1}))
+                                        "LiteGraph.Canvas.MinFontSizeForLOD": 1,
+                                        "Comfy.Canvas.LeftMouseClickBehavior": "panning",
+                                        "Comfy.Canvas.MouseWheelScroll": "zoom"}))
 
     @property
     def loras(self) -> Path:
@@ -230,7 +235,8 @@ class ComfyServer:
     def image_paths(self, entry: dict, node_id: str) -> list[Path]:
         out = []
         for img in entry["outputs"].get(node_id, {}).get("images", []):
-            base = {"output": self.tmp / "output", "temp": self.tmp / "temp", "input": self.tmp / "input"}[img["type"]]
+            # ComfyUI puts its temp folder (previews) in a "temp" folder inside --temp-directory
+            base = {"output": self.tmp / "output", "temp": self.tmp / "temp" / "temp", "input": self.tmp / "input"}[img["type"]]
             out.append(base / img.get("subfolder", "") / img["filename"])
         return out
 

@@ -1,5 +1,7 @@
-"""Each UI workflow opened in the real ComfyUI frontend (headless system Chromium driven by playwright): every node
-type is known, no missing-node or invalid-workflow message, and every widget holds the value of the API twin."""
+"""Each template opened in the real ComfyUI frontend as a user opens it (headless system Chromium driven by
+playwright: Browse Templates, the pack's category, the card): its thumbnail shows, no page error or console error
+from startup on, every node type is known, no missing-node or invalid-workflow message, and every widget holds the
+value of the API twin."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import REPO, WORKFLOW_DIR, comfyui_python, load_workflow
+from harness import PACK_FOLDER, REPO, comfyui_python, load_workflow
 
 CHROMIUM = "/usr/bin/chromium"
 WORKFLOWS = ("collapse_cfg_sweep", "redifine_chain", "train_then_ksampler", "schedule_explorer")
@@ -35,7 +37,7 @@ def frontend_report(server, tmp_path_factory):
         pytest.skip(reason)
     shots = tmp_path_factory.mktemp("shots")
     r = subprocess.run([str(comfyui_python()), str(REPO / "tests" / "comfyui" / "frontend_script.py"), "check",
-                        server.url, str(WORKFLOW_DIR), str(shots)],
+                        server.url, PACK_FOLDER, str(shots)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])
@@ -56,9 +58,15 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def test_the_frontend_starts_without_errors_and_lists_every_template(frontend_report):
+    assert frontend_report["_startup_errors"] == []
+    assert sorted(k for k in frontend_report if not k.startswith("_")) == sorted(WORKFLOWS)
+
+
 @pytest.mark.parametrize("name", WORKFLOWS)
-def test_workflow_opens_with_every_node_known_and_values_intact(frontend_report, name):
+def test_template_opens_with_its_thumbnail_no_error_every_node_known_and_values_intact(frontend_report, name):
     rep = frontend_report[name]
+    assert rep["errors"] == [] and rep["thumbnail_shown"]
     unknown = [n["type"] for n in rep["nodes"] if not n["known"]]
     assert unknown == [] and rep["missing_dialog"] == 0 and rep["invalid_alerts"] == 0
     by_id = {n["id"]: n for n in rep["nodes"]}
