@@ -113,6 +113,9 @@ BOUNDS: Mapping[str, Bound] = MappingProxyType({
     "download_limit": _B(1, 1_000_000, doc="images written by `redifine dataset --limit`"),
     "generations": _B(1, 1_000, doc="generations of `redifine traits`"),
     "population": _B(2, 100_000, doc="population of `redifine traits`"),
+    "check_rounds": _B(2, 50, doc="rounds of `redifine check` (round 0 is your LoRA as it is)"),
+    "check_cfg": _B(1.0, 30.0, integer=False, doc="your CFG in `redifine check` (ReDiFine's schedule decays from it "
+                                                  "to 1)"),
     "threads": _B(1, 1_024, doc="torch CPU threads (`--threads` of the toy training and evaluation scripts)"),
 })
 

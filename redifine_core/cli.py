@@ -1,4 +1,4 @@
-"""The ``redifine`` command line: chain, demo, report, schedule, traits, dataset (see docs/cli.md).
+"""The ``redifine`` command line: chain, check, demo, report, schedule, traits, dataset (see docs/cli.md).
 
 Bad arguments or a bad config exit with status 2 and one line naming the problem (no traceback); Ctrl-C stops a
 run cleanly (first press: at the next step; second press: at once), leaves it resumable and exits with 130.
@@ -390,6 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--resume", action="store_true", help="continue an interrupted study in --out")
     sc.add_argument("--quiet", action="store_true", help="no progress bars")
     sc.add_argument("--verbose", action="store_true", help="show third-party warnings and loading bars")
+
+    from .cli_check import add_arguments, cmd_check
+
+    add_arguments(add("check", "will my LoRA degrade? your LoRA, images and recipe over a few rounds of training on "
+                      "its own images, at your CFG and with ReDiFine (docs/check.md)", cmd_check))
 
     r = add("report", "re-render the report of a finished or partial run", cmd_report)
     r.add_argument("run_dir", help="a run folder (holds run.json)")

@@ -6,6 +6,9 @@ readable weights file), so a bad config fails before any model loads. ``ChainCon
 round trip run.json and the TOML loader use; ``parse_methods`` reads the method lines of the ComfyUI Chain node
 (``baseline 7.5``, ``rd: redifine cond_drop=0.2``, ``custom schedule=<spec> cond_drop=<p>``).
 
+``init_lora`` (a LoRA file) makes iteration 0 generate with that LoRA as it is (no training on D0); each later
+iteration trains from the previous LoRA (``protocol="continue"``) or from ``init_lora`` again (``"restart"``).
+
 Methods: ``baseline`` is a constant CFG ``cfg`` and no condition drop. ``redifine`` is condition drop
 ``REDIFINE_COND_DROP`` (0.2, our choice: the paper's value is unknown) with the ``"redifine"`` schedule preset of
 guidance.py, both overridable. ``custom`` is any ``schedule`` (or constant ``cfg``) and any ``cond_drop``. Defaults
@@ -142,6 +145,7 @@ class ChainConfig:
     lora_scale: float = 1.0
     features: str = "auto"
     parallel: str = "units"  # several processes: "units" (each runs whole lanes) or "data" (all train each LoRA)
+    init_lora: Optional[str] = None  # a LoRA file: iteration 0 generates with it untrained, later ones start from it
 
     def __post_init__(self) -> None:
         bounds.check("iterations", self.iterations)
@@ -185,6 +189,8 @@ class ChainConfig:
             raise ValueError(f"negative_prompt={self.negative_prompt!r} must be a string")
         object.__setattr__(self, "lora_scale", bounds.check("lora_scale", self.lora_scale))
         _check_features(self.features)
+        if self.init_lora is not None and (not isinstance(self.init_lora, str) or not self.init_lora.strip()):
+            raise ValueError(f"init_lora={self.init_lora!r} must be the path of a LoRA file (or None)")
         if self.parallel not in PARALLEL_MODES:
             raise ValueError(f"parallel={self.parallel!r} is not allowed; use one of {PARALLEL_MODES} ('units': the "
                              "processes share out the methods and seeds; 'data': they train each LoRA together)")
