@@ -6,6 +6,7 @@ and import ComfyUI only lazily through ``_comfy``, so this package imports and u
 
 from .cfg_schedule import ReDiFineCFGScheduleModel
 from .chain import ReDiFineChain
+from .check import ReDiFineCheck
 from .dataset import ReDiFineDataset
 from .generate import ReDiFineGenerate
 from .metrics import ReDiFineCollapseMetrics
@@ -22,6 +23,7 @@ NODE_CLASS_MAPPINGS = {
     "ReDiFineCFGScheduleModel": ReDiFineCFGScheduleModel,
     "ReDiFinePlotSchedule": ReDiFinePlotSchedule,
     "ReDiFineChain": ReDiFineChain,
+    "ReDiFineCheck": ReDiFineCheck,
     "ReDiFineCollapseMetrics": ReDiFineCollapseMetrics,
     "ReDiFinePipelineToNative": ReDiFinePipelineToNative,
     "ReDiFinePipelineFromNative": ReDiFinePipelineFromNative,
@@ -35,6 +37,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ReDiFineCFGScheduleModel": "CFG Schedule for MODEL",
     "ReDiFinePlotSchedule": "ReDiFine Plot CFG Schedule",
     "ReDiFineChain": "Chain of Diffusion",
+    "ReDiFineCheck": "ReDiFine Check",
     "ReDiFineCollapseMetrics": "ReDiFine Collapse Metrics",
     "ReDiFinePipelineToNative": "ReDiFine Pipeline to MODEL/CLIP/VAE",
     "ReDiFinePipelineFromNative": "ReDiFine Pipeline from MODEL/CLIP/VAE (shared weights)",
