@@ -41,6 +41,7 @@ INPUT_ORDER = {
     "ReDiFineChain": ["pipeline", "dataset", "run_name", "iterations", "methods", "steps", "sampler",
                       "images_per_caption", "seed", "replicates", "train_steps", "rank", "learning_rate", "batch_size",
                       "resolution", "protocol", "resume", "keep_loaded"],
+    "ReDiFineCheck": ["lora", "images", "model", "cfg", "rounds"],
     "ReDiFineCollapseMetrics": ["reference", "generated", "features"],
     "ReDiFinePipelineToNative": ["pipeline"],
     "ReDiFinePipelineFromNative": ["model", "clip", "vae", "fallback"],
