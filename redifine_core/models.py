@@ -52,12 +52,14 @@ from .vae import cast_inputs_to_weights, vae_dtype
 PathLike = Union[str, os.PathLike]
 
 TOY_MODEL_DIR = PACKAGE_DIR / "toy" / "model"
+TOY_MODELS = {"toy": TOY_MODEL_DIR, "toy:bed": PACKAGE_DIR / "toy" / "model_bed"}
+"""The shipped toy models by source name: the shapes model and the texture / patterned-shape model (docs/toy-lab.md)."""
 KINDS = ("sd1", "sd2", "sdxl", "toy")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 _PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 __all__ = ["Pipeline", "load_pipeline", "default_device", "resolve_device", "resolve_dtype", "checkpoint_shapes",
-           "detect_architecture", "CONFIG_ROOT", "TOY_MODEL_DIR", "KINDS", "PRECISIONS", "PREDICTION_TYPES"]
+           "detect_architecture", "CONFIG_ROOT", "TOY_MODEL_DIR", "TOY_MODELS", "KINDS", "PRECISIONS", "PREDICTION_TYPES"]
 
 
 def default_device() -> torch.device:
@@ -279,13 +281,15 @@ def load_pipeline(
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
 
-    if str(source) == "toy":
-        if not (TOY_MODEL_DIR / "model_index.json").is_file():
+    if str(source) in TOY_MODELS:
+        folder = TOY_MODEL_DIR if str(source) == "toy" else TOY_MODELS[str(source)]
+        if not (folder / "model_index.json").is_file():
+            arch = "" if str(source) == "toy" else " --arch bed"
             raise FileNotFoundError(
-                f"the toy model weights are missing ({TOY_MODEL_DIR / 'model_index.json'} does not exist); "
-                "build them with `python -m redifine_core.toy.train`"
+                f"the toy model weights are missing ({folder / 'model_index.json'} does not exist); "
+                f"build them with `python -m redifine_core.toy.train{arch}`"
             )
-        pipe = _load_diffusers_folder(TOY_MODEL_DIR, kind="toy", source="toy", dtype=dtype)
+        pipe = _load_diffusers_folder(folder, kind="toy", source=str(source), dtype=dtype)
     else:
         path = Path(source).expanduser()
         if not path.exists():

@@ -439,3 +439,12 @@ def test_diffusers_folder_loads_straight_into_the_dtype(tiny_sd, tiny_sd_dir):
     ref = tiny_sd.vae.state_dict()
     # the force_upcast VAE is read in float32, not rounded through fp16 and upcast
     assert half.vae.dtype == torch.float32 and all(torch.equal(v, ref[k]) for k, v in half.vae.state_dict().items())
+
+
+def test_toy_bed_source_names_its_own_folder(monkeypatch, tmp_path, tiny_sd_dir):
+    monkeypatch.setitem(models.TOY_MODELS, "toy:bed", tmp_path / "model_bed")
+    with pytest.raises(FileNotFoundError, match=r"python -m redifine_core\.toy\.train --arch bed"):
+        load_pipeline("toy:bed")
+    monkeypatch.setitem(models.TOY_MODELS, "toy:bed", Path(tiny_sd_dir))
+    pipe = load_pipeline("toy:bed", device="cpu")
+    assert pipe.kind == "toy" and pipe.source == "toy:bed"

@@ -19,7 +19,7 @@ def test_same_seed_same_images_other_seed_other_images(gen):
     b, cb, _ = gen(12, seed=3)
     c, _, _ = gen(12, seed=4)
     assert np.array_equal(a, b) and ca == cb and not np.array_equal(a, c)
-    assert a.shape == (12, 64, 64, 3) and a.dtype == np.uint8
+    assert a.shape == (12, tx.TEXTURE_SIZE, tx.TEXTURE_SIZE, 3) and a.dtype == np.uint8
 
 
 def test_texture_captions_parse_back_and_use_only_the_vocabulary():
@@ -54,7 +54,7 @@ def test_fine_textures_carry_more_high_frequency_power_than_coarse():
     fine = [tx.render_texture(tx.TextureAttributes("fine", "stripes", "diagonal", "red", "blue"))]
     coarse = [tx.render_texture(tx.TextureAttributes("coarse", "stripes", "diagonal", "red", "blue"))]
     f, c = image_statistics(np.stack(fine)), image_statistics(np.stack(coarse))
-    assert f["hf_share"] > 3 * c["hf_share"] and f["laplacian_var"] > 5 * c["laplacian_var"]
+    assert f["hf_share"] > 10 * c["hf_share"] and f["laplacian_var"] > 3 * c["laplacian_var"]  # 1.0 vs 0.04; 0.021 vs 0.006
 
 
 @pytest.mark.parametrize("bad, field", [
@@ -102,8 +102,22 @@ def test_registry_names_every_dataset_and_the_training_sets_cover_their_vocabula
 
 
 def test_training_images_interleave_the_datasets_deterministically():
-    images, captions = training_images("bed", 6, seed=5, size=64)
+    images, captions = training_images("bed", 6, seed=5, size=tx.TEXTURE_SIZE)
     tex, tcap = TOY_DATASETS["textures"].images(3, seed=5)
     pat, pcap = TOY_DATASETS["patterned_shapes"].images(3, seed=6)
     assert np.array_equal(images[0::2], tex) and np.array_equal(images[1::2], pat)
     assert captions[0::2] == tcap and captions[1::2] == pcap
+
+
+def test_word_tokenizer_keeps_every_word_one_token_when_merges_collide(tmp_path):
+    """"plain" brings the merge "p l", which outranks the "p u" that "purple" starts with; the tokenizer must still
+    turn each word into one token."""
+    from transformers import CLIPTokenizer
+
+    from redifine_core.toy.word_tokenizer import write_word_tokenizer
+
+    words = ["plain", "purple", "dotted", "dots", "stripes", "striped", "checks", "checked"]
+    tok = CLIPTokenizer.from_pretrained(str(write_word_tokenizer(words, tmp_path, max_length=16)))
+    for w in words:
+        assert len(tok(w).input_ids) == 3, w  # start, the word, end
+    assert len(tok("plain purple dots").input_ids) == 5

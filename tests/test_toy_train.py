@@ -40,11 +40,27 @@ def test_train_writes_folder_and_resume_reproduces_it(tmp_path):
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
 
 
+def test_bed_arch_trains_on_both_sets_with_one_token_per_caption_word(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from redifine_core.toy.registry import TOY_DATASETS
+
+    out = train(ToyTrainConfig(**TINY, arch="bed"), tmp_path / "bed", tmp_path / "work", checkpoint_every=0,
+                log=lambda _: None)
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True)
+    for name in ("shapes", "textures", "patterned_shapes"):
+        caption = TOY_DATASETS[name].balanced_captions(1, 0)[0]
+        ids = pipe.tokenizer(caption).input_ids
+        assert len(ids) == len(caption.split()) + 2, caption  # each word one token, plus start and end
+    assert json.loads((out / "training.json").read_text())["config"]["arch"] == "bed"
+
+
 @pytest.mark.parametrize("kwargs, field", [
     (dict(steps=-1), "steps"), (dict(lr=0.0), "lr"), (dict(cond_drop=1.0), "cond_drop"),
     (dict(ema=1.0), "ema"), (dict(batch_size=0), "batch_size"), (dict(decoder_steps=-1), "decoder_steps"),
     (dict(decoder_lr=0.0), "decoder_lr"), (dict(decoder_edge=-0.5), "decoder_edge"),
-    (dict(steps=10**7), "steps"), (dict(n_images=True), "n_images"),
+    (dict(steps=10**7), "steps"), (dict(n_images=True), "n_images"), (dict(arch="cats"), "arch"),
+    (dict(vae_batch_size=-1), "vae_batch_size"),
 ])
 def test_config_validation(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -60,6 +76,7 @@ def test_config_validation(kwargs, field):
     (["--minutes", "0"], "--minutes=0.0 must be > 0"),
     (["--seed", "-1"], "--seed=-1 must be an integer in [0, 2**63-1]"),
     (["--checkpoint-every", "0"], "--checkpoint-every=0 must be an integer >= 1"),
+    (["--arch", "cats"], "argument --arch: invalid choice: 'cats'"),
 ])
 def test_cli_refuses_bad_arguments_in_one_line_before_writing(tmp_path, capsys, argv, expected):
     from redifine_core.toy.train import main
@@ -107,6 +124,7 @@ def test_decoder_finetune_sharpens_reconstructions_without_moving_the_latents():
     (["--steps", "0"], "--steps=0 must be an integer in [1, 10000]"),
     (["--device", "tpu"], "device='tpu' is not a device"),
     (["--model", "/nonexistent/toy"], "--model='/nonexistent/toy' is not a diffusers folder"),
+    (["--dataset", "cats"], "argument --dataset: invalid choice: 'cats'"),
 ])
 def test_evaluate_cli_refuses_bad_arguments_in_one_line(tmp_path, capsys, argv, expected):
     from redifine_core.toy.evaluate import main

@@ -1,8 +1,8 @@
-"""Measure the toy model's prompt fidelity with the attribute checker: ``python -m redifine_core.toy.evaluate``.
+"""Measure a toy model's prompt fidelity with the attribute checker: ``python -m redifine_core.toy.evaluate``.
 
-Samples ``n`` images from balanced captions (every shape/colour/background combination in turn) at each CFG scale,
-with the model's own DDIM scheduler and fixed seeds, and prints the checker's accuracies plus a few image
-statistics. Uses diffusers' ``StableDiffusionPipeline`` directly, so it measures the shipped folder as any diffusers
+Samples ``n`` images from one toy dataset's balanced captions (``--dataset``, every combination in turn; default
+``shapes``) at each CFG scale, with the model's own DDIM scheduler and fixed seeds, and prints the dataset checker's
+accuracies plus a few image statistics, also relative to ``n`` of the dataset's own images (D0). Uses diffusers' ``StableDiffusionPipeline`` directly, so it measures the shipped folder as any diffusers
 user would load it.
 """
 
@@ -16,12 +16,11 @@ import numpy as np
 import torch
 
 from redifine_core import bounds
-from redifine_core.models import resolve_device
+from redifine_core.models import TOY_MODELS, resolve_device
 
-from .checker import check
-from .dataset import balanced_captions
+from .registry import TOY_DATASETS
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "model"
+DEFAULT_MODEL = TOY_MODELS["toy"]
 
 
 def load_toy_diffusers(folder: str | Path = DEFAULT_MODEL, device: str = "cpu"):
@@ -56,31 +55,34 @@ def _stats(images: np.ndarray) -> dict[str, float]:
     return {k: float(st[k]) for k in STAT_KEYS}
 
 
-def data_statistics(n: int = 256) -> dict[str, float]:
-    """STAT_KEYS of ``n`` toy images drawn like a demo's D0 (``toy.demo.DATA_SEED``)."""
-    from .dataset import generate
+def data_statistics(n: int = 256, dataset: str = "shapes") -> dict[str, float]:
+    """STAT_KEYS of ``n`` images of ``dataset`` drawn like a demo's D0 (``toy.demo.DATA_SEED``)."""
     from .demo import DATA_SEED
 
-    return _stats(generate(n, seed=DATA_SEED)[0])
+    return _stats(TOY_DATASETS[dataset].images(n, seed=DATA_SEED)[0])
 
 
-def evaluate(folder: str | Path = DEFAULT_MODEL, n: int = 256, cfgs: Sequence[float] = (1.0, 3.0, 7.5),
-             steps: int = 20, seed: int = 0, device: str = "cpu") -> dict[str, dict[str, float]]:
-    """``{str(cfg): checker accuracies + STAT_KEYS}`` for each CFG scale."""
+def evaluate(folder: str | Path | None = None, n: int = 256, cfgs: Sequence[float] = (1.0, 3.0, 7.5),
+             steps: int = 20, seed: int = 0, device: str = "cpu", dataset: str = "shapes"
+             ) -> dict[str, dict[str, float]]:
+    """``{str(cfg): checker accuracies + STAT_KEYS}`` for each CFG scale, on ``dataset``'s captions; ``folder``
+    defaults to the dataset's model."""
     if n < 1:
         raise ValueError(f"n={n!r} must be >= 1")
-    pipe = load_toy_diffusers(folder, device)
-    captions = balanced_captions(n, seed)
+    ds = TOY_DATASETS[dataset]
+    pipe = load_toy_diffusers(folder or TOY_MODELS[ds.model], device)
+    captions = ds.balanced_captions(n, seed)
     results = {}
     for w in cfgs:
         images = sample(pipe, captions, float(w), steps, seed)
-        results[f"{float(w):g}"] = {**check(images, captions), **_stats(images)}
+        results[f"{float(w):g}"] = {**ds.check(images, captions), **_stats(images)}
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m redifine_core.toy.evaluate", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--dataset", default="shapes", choices=tuple(TOY_DATASETS), help="whose captions and checker")
+    ap.add_argument("--model", type=Path, default=None, help="diffusers folder (default: the dataset's model)")
     ap.add_argument("--n", type=int, default=256, help="images per CFG scale (1 to 10000)")
     ap.add_argument("--cfg", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 7.5])
     ap.add_argument("--steps", type=int, default=20)
@@ -96,25 +98,27 @@ def main(argv: list[str] | None = None) -> int:
         bounds.check("threads", args.threads, "--threads")
         for w in args.cfg:
             bounds.check("cfg", w, "--cfg")
-        if not (args.model / "model_index.json").is_file():
-            raise ValueError(f"--model={str(args.model)!r} is not a diffusers folder (no model_index.json in it)")
+        model = args.model or TOY_MODELS[TOY_DATASETS[args.dataset].model]
+        if not (model / "model_index.json").is_file():
+            raise ValueError(f"--model={str(model)!r} is not a diffusers folder (no model_index.json in it)")
         device = str(resolve_device(args.device))
     except ValueError as exc:
         ap.error(str(exc))
     torch.set_num_threads(args.threads)
-    res = evaluate(args.model, args.n, args.cfg, args.steps, args.seed, device)
-    data = data_statistics(args.n)
-    print(f"D0 ({args.n} toy images): hf_share {data['hf_share']:.4f}  laplacian_var {data['laplacian_var']:.5f}  "
+    res = evaluate(model, args.n, args.cfg, args.steps, args.seed, device, args.dataset)
+    data = data_statistics(args.n, args.dataset)
+    print(f"D0 ({args.n} {args.dataset} images): hf_share {data['hf_share']:.4f}  laplacian_var {data['laplacian_var']:.5f}  "
           f"saturation {data['saturation']:.3f}")
     for w, r in res.items():
-        print(f"CFG {w:>4}: full {r['full']:.3f}  shape {r['shape']:.3f}  color {r['color']:.3f}  "
-              f"background {r['background']:.3f}  saturation {r['saturation']:.3f}  clipped {r['clipped_fraction']:.4f}"
+        attrs = "  ".join(f"{k} {v:.3f}" for k, v in r.items() if k not in STAT_KEYS and k != "n")
+        print(f"CFG {w:>4}: {attrs}  saturation {r['saturation']:.3f}  clipped {r['clipped_fraction']:.4f}"
               f"  hf_share {r['hf_share']:.4f} ({r['hf_share'] / data['hf_share'] - 1:+.0%} vs D0)  laplacian_var "
               f"{r['laplacian_var']:.5f} ({r['laplacian_var'] / data['laplacian_var'] - 1:+.0%})")
     if args.json:
         from redifine_core.atomic import write_json
 
-        write_json(args.json, {"n": args.n, "steps": args.steps, "seed": args.seed, "results": res, "data": data})
+        write_json(args.json, {"dataset": args.dataset, "n": args.n, "steps": args.steps, "seed": args.seed,
+                               "results": res, "data": data})
     return 0
 
 

@@ -1,9 +1,9 @@
 """Architectures of the toy text-to-image models: a small VAE, a small CLIP text encoder, a small conditional UNet.
 
 All three are standard diffusers / transformers classes, so a toy model is an ordinary Stable Diffusion 1.x-layout
-diffusers folder and loads through the same code path as a real checkpoint. Two architectures: ``shapes`` (32 px, a
-2x VAE; the shipped ``toy`` model) and ``bed`` (64 px, a 4x VAE, the same 16 x 16 latent and UNet; the model of the
-texture and patterned-shape sets).
+diffusers folder and loads through the same code path as a real checkpoint. Two architectures, both 32 px with a 2x VAE
+and a 16 x 16 latent: ``shapes`` (the shipped ``toy`` model) and ``bed`` (the model of the texture and
+patterned-shape sets: the same networks, the vocabulary of all three sets).
 """
 
 from __future__ import annotations
@@ -89,12 +89,10 @@ def _architectures() -> dict[str, ToyArchitecture]:
     from .dataset import VOCABULARY
     from .textures import PATTERNED_SHAPES_VOCABULARY, TEXTURE_VOCABULARY
 
-    bed_vae = dict(VAE_CONFIG, down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
-                   block_out_channels=[16, 32, 64], sample_size=64)
     bed_words = tuple(dict.fromkeys(VOCABULARY + TEXTURE_VOCABULARY + PATTERNED_SHAPES_VOCABULARY))
     return {
         "shapes": ToyArchitecture("shapes", IMAGE_SIZE, VAE_FACTOR, VAE_CONFIG, UNET_CONFIG, VOCABULARY),
-        "bed": ToyArchitecture("bed", 64, 4, bed_vae, dict(UNET_CONFIG, sample_size=16), bed_words),
+        "bed": ToyArchitecture("bed", IMAGE_SIZE, VAE_FACTOR, VAE_CONFIG, UNET_CONFIG, bed_words),
     }
 
 

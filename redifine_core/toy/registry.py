@@ -61,10 +61,10 @@ def _shapes_generate(n, seed=0, size=dataset.DEFAULT_SIZE, cancel=None):
 TOY_DATASETS: dict[str, ToyDataset] = {
     "shapes": ToyDataset("shapes", "one flat coloured shape on a coloured background, 32 px", dataset.DEFAULT_SIZE,
                          "toy", _shapes_generate, dataset.balanced_captions, _check_shapes, dataset.VOCABULARY),
-    "textures": ToyDataset("textures", "a two-colour texture (stripes, dots, checks; fine 4 px or coarse 12 px), 64 px",
+    "textures": ToyDataset("textures", "a two-colour texture (stripes, dots, checks; fine 4 px or coarse 8 px), 32 px",
                            textures.TEXTURE_SIZE, "toy:bed", textures.generate_textures,
                            textures.balanced_texture_captions, _check_textures, textures.TEXTURE_VOCABULARY),
-    "patterned_shapes": ToyDataset("patterned_shapes", "one shape filled plain or with a fine pattern, 64 px",
+    "patterned_shapes": ToyDataset("patterned_shapes", "one shape filled plain or with a fine 4 px pattern, 32 px",
                                    textures.TEXTURE_SIZE, "toy:bed", textures.generate_patterned_shapes,
                                    textures.balanced_patterned_captions, _check_patterned,
                                    textures.PATTERNED_SHAPES_VOCABULARY),

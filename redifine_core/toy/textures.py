@@ -1,7 +1,7 @@
-"""Two toy image sets whose captions name fine detail, drawn procedurally and deterministically at 64 px.
+"""Two toy image sets whose captions name fine detail, drawn procedurally and deterministically (32 px by default).
 
 - ``textures``: the whole image is one two-colour texture: stripes (horizontal, vertical or diagonal), dots or
-  checks, at a fine (4 px) or coarse (12 px) period, e.g. ``"a fine diagonal red stripes on a blue background"``.
+  checks, at a fine (4 px) or coarse (8 px) period, e.g. ``"a fine diagonal red stripes on a blue background"``.
 - ``patterned_shapes``: one shape (circle, square, triangle) on a plain background, filled with a fine pattern of its
   colour and a dark shade of it (striped, dotted, checked) or plain, e.g. ``"a striped red circle on a blue background"``.
 
@@ -20,8 +20,8 @@ from ..bounds import check as check_bound
 from ..progress import CancelFlag, check_cancel
 from .dataset import COLORS, PALETTE, SHAPES, MAX_TOY_BYTES
 
-TEXTURE_SIZE = 64
-SCALES: dict[str, int] = {"fine": 4, "coarse": 12}
+TEXTURE_SIZE = 32
+SCALES: dict[str, int] = {"fine": 4, "coarse": 8}
 """Pattern period in pixels: 4 px puts a fine pattern's fundamental at the high-frequency cutoff (0.25 cycles/px)."""
 PATTERNS: tuple[str, ...] = ("stripes", "dots", "checks")
 ORIENTATIONS: tuple[str, ...] = ("horizontal", "vertical", "diagonal")
@@ -243,8 +243,8 @@ def _check_request(n: int, seed: int, size: int) -> int:
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n={n!r} must be a positive integer")
     seed = check_bound("seed", seed, "seed")
-    if not isinstance(size, int) or isinstance(size, bool) or not 32 <= size <= 1024 or size % 4:
-        raise ValueError(f"size={size!r} must be a multiple of 4 in [32, 1024]")
+    if not isinstance(size, int) or isinstance(size, bool) or not 32 <= size <= 1024 or size % 8:
+        raise ValueError(f"size={size!r} must be a multiple of 8 in [32, 1024]")
     if n * size * size * 3 > MAX_TOY_BYTES:
         raise ValueError(f"n={n}, size={size}: the set would take {n * size * size * 3 / 2**30:.1f} GiB; keep "
                          f"n * size * size * 3 under {MAX_TOY_BYTES / 2**30:.0f} GiB")

@@ -1,7 +1,8 @@
 """Train the toy text-to-image model from scratch: ``python -m redifine_core.toy.train [--out DIR] [--minutes M]``.
 
-Seeded; on the CPU by default, ``--device cuda`` runs the same recipe (random numbers are drawn on the CPU either
-way). Phase 1 trains the 2x VAE on reconstruction, then its decoder alone on the encoder's mean latents; phase 2
+``--arch bed`` trains the model of the texture and patterned-shape sets (``registry.TRAINING_SETS``) into
+``toy/model_bed``; the default, ``shapes``, the 32 px shipped ``toy`` model. Seeded; on the CPU by default, ``--device cuda`` runs the same recipe (random numbers are drawn on the CPU either
+way). Phase 1 trains the VAE on reconstruction, then its decoder alone on the encoder's mean latents; phase 2
 caches the training set's latents and trains the conditional UNet and the text encoder together (epsilon prediction,
 caption dropout so classifier-free guidance works, EMA weights kept and shipped). A checkpoint is written every
 ``--checkpoint-every`` steps (safetensors + JSON, with optimizer and RNG state) and a rerun resumes from it. The
@@ -29,8 +30,10 @@ from redifine_core import atomic, bounds
 from redifine_core.models import resolve_device
 from redifine_core.toy import model_config as mc
 from redifine_core.toy.dataset import DEFAULT_GRAIN, generate
+from redifine_core.toy.registry import training_images
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "model"
+DEFAULT_OUTS = {"shapes": DEFAULT_OUT, "bed": Path(__file__).resolve().parent / "model_bed"}
 
 
 MAX_COUNT = 1_000_000
@@ -58,8 +61,14 @@ class ToyTrainConfig:
     ema: float = 0.995
     weight_decay: float = 0.0
     grain: float = DEFAULT_GRAIN
+    arch: str = "shapes"
+    vae_batch_size: int = 0  # 0: batch_size
 
     def __post_init__(self) -> None:
+        if self.arch not in mc.ARCHITECTURES:
+            raise ValueError(f"arch={self.arch!r} is not one of {tuple(mc.ARCHITECTURES)}")
+        if not isinstance(self.vae_batch_size, int) or not 0 <= self.vae_batch_size <= MAX_COUNT:
+            raise ValueError(f"vae_batch_size={self.vae_batch_size!r} must be an integer in [0, {MAX_COUNT}]")
         for name, lo in (("n_images", 1), ("vae_images", 1), ("batch_size", 1), ("vae_steps", 0),
                          ("decoder_steps", 0), ("steps", 0), ("warmup", 0)):
             v = getattr(self, name)
@@ -77,6 +86,13 @@ class ToyTrainConfig:
             raise ValueError(f"ema={self.ema!r} must be in [0, 1)")
         if not 0.0 < self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r} must be in (0, 1]")
+
+
+RECIPES: dict[str, dict] = {
+    "shapes": {},
+    "bed": dict(vae_steps=1000, decoder_steps=600, steps=2300),
+}
+"""Per-architecture overrides of :class:`ToyTrainConfig`'s defaults used by the command line."""
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -155,7 +171,7 @@ def train_vae(cfg: ToyTrainConfig, images: np.ndarray, log=print, device: str = 
     """Phase 1: the 2x VAE on reconstruction (MSE + ``vae_edge`` x the edge loss + a tiny KL term)."""
     from tqdm.auto import tqdm
 
-    vae = mc.build_vae(cfg.seed).to(device)
+    vae = mc.build_vae(cfg.seed, cfg.arch).to(device)
     vae.train()
     x_all = _to_tensor(images[: cfg.vae_images])
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
@@ -165,7 +181,7 @@ def train_vae(cfg: ToyTrainConfig, images: np.ndarray, log=print, device: str = 
         lr = cfg.vae_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.vae_steps))))
         for g in opt.param_groups:
             g["lr"] = lr
-        idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen)
+        idx = torch.randint(0, len(x_all), (cfg.vae_batch_size or cfg.batch_size,), generator=gen)
         x = x_all[idx].to(device)
         dist = vae.encode(x).latent_dist
         z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen).to(device)
@@ -202,7 +218,7 @@ def finetune_decoder(cfg: ToyTrainConfig, vae, images: np.ndarray, device: str =
     gen = torch.Generator().manual_seed(cfg.seed + 3)
     bar = tqdm(range(cfg.decoder_steps), desc="decoder", mininterval=5)
     for step in bar:
-        idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen)
+        idx = torch.randint(0, len(x_all), (cfg.vae_batch_size or cfg.batch_size,), generator=gen)
         x = x_all[idx].to(device)
         rec = vae.decode(means[idx.to(device)]).sample
         loss = F.mse_loss(rec, x) + cfg.decoder_edge * _edge_loss(rec, x)
@@ -242,14 +258,18 @@ def train(cfg: ToyTrainConfig, out: Path, workdir: Path, minutes: float | None =
     out, workdir = Path(out), Path(workdir)
     torch.manual_seed(cfg.seed)
     ckpt = _Checkpoint(workdir)
-    images, captions, _ = generate(cfg.n_images, cfg.seed, mc.IMAGE_SIZE, cfg.grain)
+    arch = mc.ARCHITECTURES[cfg.arch]
+    if cfg.arch == "shapes":
+        images, captions, _ = generate(cfg.n_images, cfg.seed, arch.image_size, cfg.grain)
+    else:
+        images, captions = training_images(cfg.arch, cfg.n_images, cfg.seed, arch.image_size)
     log(f"[toy] {len(images)} training images, seed {cfg.seed}")
 
     # Phase 1: VAE (cached in the work folder so a resume does not retrain it)
     vae_file = workdir / "vae.safetensors"
     vae_meta = workdir / "vae.json"
     if vae_file.exists() and vae_meta.exists() and json.loads(vae_meta.read_text()).get("config") == asdict(cfg):
-        vae = mc.build_vae(cfg.seed)
+        vae = mc.build_vae(cfg.seed, cfg.arch)
         vae.load_state_dict(load_file(str(vae_file)))
         vae.to(device).eval()
         log("[toy] VAE loaded from the work folder")
@@ -273,13 +293,13 @@ def train(cfg: ToyTrainConfig, out: Path, workdir: Path, minutes: float | None =
 
     # Phase 2: UNet + text encoder
     tok_dir = Path(tempfile.mkdtemp(prefix="redifine_toy_tok_"))
-    tokenizer = mc.build_tokenizer(tok_dir)
+    tokenizer = mc.build_tokenizer(tok_dir, cfg.arch)
     text_encoder = mc.build_text_encoder(tokenizer, cfg.seed).to(device)
-    unet = mc.build_unet(cfg.seed).to(device)
+    unet = mc.build_unet(cfg.seed, cfg.arch).to(device)
     noise_sched = DDPMScheduler(**{k: v for k, v in mc.SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
-    ids = tokenizer(captions, padding="max_length", max_length=mc.TOKEN_LENGTH, truncation=True,
+    ids = tokenizer(captions, padding="max_length", max_length=arch.token_length, truncation=True,
                     return_tensors="pt").input_ids.to(device)
-    empty = tokenizer([""], padding="max_length", max_length=mc.TOKEN_LENGTH,
+    empty = tokenizer([""], padding="max_length", max_length=arch.token_length,
                       return_tensors="pt").input_ids[0].to(device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -391,12 +411,16 @@ def train(cfg: ToyTrainConfig, out: Path, workdir: Path, minutes: float | None =
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m redifine_core.toy.train", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output diffusers folder (default: the shipped one)")
+    ap.add_argument("--arch", default="shapes", choices=tuple(mc.ARCHITECTURES),
+                    help="shapes: the toy model (default); bed: the texture / patterned-shape model")
+    ap.add_argument("--out", type=Path, default=None, help="output diffusers folder (default: the shipped one)")
     ap.add_argument("--workdir", type=Path, default=None, help="checkpoint folder (default: ~/.cache/redifine/toy-train/...)")
     ap.add_argument("--minutes", type=float, default=None, help="stop the UNet phase once this much time is spent")
-    ap.add_argument("--steps", type=int, default=ToyTrainConfig.steps)
+    ap.add_argument("--steps", type=int, default=None, help="UNet steps (default: the arch's recipe)")
     ap.add_argument("--seed", type=int, default=ToyTrainConfig.seed)
-    ap.add_argument("--vae-steps", type=int, default=ToyTrainConfig.vae_steps)
+    ap.add_argument("--vae-steps", type=int, default=None, help="VAE steps (default: the arch's recipe)")
+    ap.add_argument("--decoder-steps", type=int, default=None, help="decoder steps (default: the arch's recipe)")
+    ap.add_argument("--batch-size", type=int, default=None, help="batch size (default: the arch's recipe)")
     ap.add_argument("--n-images", type=int, default=ToyTrainConfig.n_images)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--checkpoint-every", type=int, default=250)
@@ -410,13 +434,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint_every < 1:
             raise ValueError(f"--checkpoint-every={args.checkpoint_every} must be an integer >= 1")
         device = str(resolve_device(args.device))
-        cfg = ToyTrainConfig(seed=args.seed, steps=args.steps, vae_steps=args.vae_steps, n_images=args.n_images,
-                             vae_images=min(ToyTrainConfig.vae_images, max(args.n_images, 1)))
+        recipe = dict(RECIPES[args.arch], seed=args.seed, arch=args.arch, n_images=args.n_images,
+                      vae_images=min(ToyTrainConfig.vae_images, max(args.n_images, 1)))
+        for key in ("steps", "vae_steps", "decoder_steps", "batch_size"):
+            if getattr(args, key) is not None:
+                recipe[key] = getattr(args, key)
+        cfg = ToyTrainConfig(**recipe)
     except ValueError as exc:
         ap.error(str(exc))
     torch.set_num_threads(args.threads)
-    workdir = args.workdir or Path.home() / ".cache" / "redifine" / "toy-train" / f"seed{args.seed}-steps{args.steps}"
-    train(cfg, args.out, workdir, args.minutes, args.checkpoint_every, device=device)
+    workdir = args.workdir or (Path.home() / ".cache" / "redifine" / "toy-train"
+                               / f"{args.arch}-seed{args.seed}-steps{cfg.steps}")
+    train(cfg, args.out or DEFAULT_OUTS[args.arch], workdir, args.minutes, args.checkpoint_every, device=device)
     return 0
 
 

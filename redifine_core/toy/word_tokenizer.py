@@ -9,6 +9,18 @@ from typing import Iterable
 SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 
 
+def _bpe(pieces: list[str], ranks: dict[str, int]) -> list[str]:
+    """Byte-pair encoding of one word's pieces: merge the best-ranked adjacent pair until none is in ``ranks``."""
+    pieces = list(pieces)
+    while len(pieces) > 1:
+        pairs = [(ranks.get(f"{a} {b}", len(ranks) + 1), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        rank, i = min(pairs)
+        if rank > len(ranks):
+            break
+        pieces[i : i + 2] = [pieces[i] + pieces[i + 1]]
+    return pieces
+
+
 def write_word_tokenizer(words: Iterable[str], folder: str | Path, max_length: int = 77) -> Path:
     """Write vocab.json, merges.txt and tokenizer_config.json for a word-level CLIPTokenizer into ``folder``.
 
@@ -42,6 +54,21 @@ def write_word_tokenizer(words: Iterable[str], folder: str | Path, max_length: i
                 merges.append(m)
             cur = cur + nxt
             add(cur)
+    # A merge one word needs can be pre-empted by a higher-ranked merge of another word ("p l" of "plain" splits
+    # "purple"): replay BPE on every word and append the merges that finish it, until each word is one token.
+    ranks = {m: i for i, m in enumerate(merges)}
+    changed = True
+    while changed:
+        changed = False
+        for w in words:
+            pieces = _bpe(list(w[:-1]) + [w[-1] + "</w>"], ranks)
+            while len(pieces) > 1:
+                m = f"{pieces[0]} {pieces[1]}"
+                ranks[m] = len(merges)
+                merges.append(m)
+                add(pieces[0] + pieces[1])
+                pieces = _bpe(pieces, ranks)
+                changed = True
     for s in SPECIAL:
         add(s)
     (folder / "vocab.json").write_text(json.dumps(vocab, indent=0))
