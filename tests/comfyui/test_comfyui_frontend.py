@@ -15,7 +15,7 @@ import pytest
 from harness import PACK_FOLDER, REPO, comfyui_python, load_workflow
 
 CHROMIUM = "/usr/bin/chromium"
-WORKFLOWS = ("collapse_cfg_sweep", "redifine_chain", "train_then_ksampler", "schedule_explorer")
+WORKFLOWS = ("collapse_cfg_sweep", "redifine_chain", "train_then_ksampler", "schedule_explorer", "redifine_check")
 
 
 def _browser_unavailable() -> str | None:

@@ -17,7 +17,7 @@ from redifine_core.metrics.verdict import VERDICTS
 NODE_IDS = ("ReDiFineLoadPipeline", "ReDiFineDataset", "ReDiFineTrainLoRA", "ReDiFineGenerate",
             "ReDiFineCFGScheduleModel", "ReDiFinePlotSchedule", "ReDiFineChain", "ReDiFineCollapseMetrics",
             "ReDiFinePipelineToNative", "ReDiFinePipelineFromNative")
-WORKFLOWS = ("collapse_cfg_sweep", "redifine_chain", "train_then_ksampler", "schedule_explorer")
+WORKFLOWS = ("collapse_cfg_sweep", "redifine_chain", "train_then_ksampler", "schedule_explorer", "redifine_check")
 VERDICT_RE = re.compile("|".join(re.escape(v) for v in VERDICTS))
 """Any verdict label (the Collapse Metrics node's output starts with one)."""
 CELL_RE = re.compile(r"\(seed \d+\), iteration \d+: (?:" + VERDICT_RE.pattern + ")")

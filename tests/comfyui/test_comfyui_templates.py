@@ -12,7 +12,7 @@ from PIL import Image
 
 from harness import PACK_FOLDER, WORKFLOW_DIR
 
-WORKFLOWS = ("collapse_cfg_sweep", "redifine_chain", "train_then_ksampler", "schedule_explorer")
+WORKFLOWS = ("collapse_cfg_sweep", "redifine_chain", "train_then_ksampler", "schedule_explorer", "redifine_check")
 
 
 def _fetch(server, path: str) -> tuple[int, bytes]:
@@ -49,7 +49,7 @@ def test_every_listed_template_and_its_thumbnail_is_served(server):
     status, body = _fetch(server, "/api/workflow_templates")
     assert status == 200
     listed = json.loads(body)[PACK_FOLDER]
-    assert sorted(listed) == sorted(WORKFLOWS)  # exactly the four: the API twins in api/ are not templates
+    assert sorted(listed) == sorted(WORKFLOWS)  # exactly these: the API twins in api/ are not templates
     problems = []
     for name in listed:
         base = f"/api/workflow_templates/{PACK_FOLDER}/{name}"

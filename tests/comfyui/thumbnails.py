@@ -23,6 +23,7 @@ SHOWN = {  # template -> (output node shown on the left or None, output nodes sh
     "redifine_chain": (None, ("4",)),
     "schedule_explorer": ("3", ("6", "7")),  # the schedules' plot; constant-CFG images, then redifine images
     "train_then_ksampler": ("13", ("12",)),  # the loss curve; the stock KSampler's images
+    "redifine_check": (None, ("3",)),  # the Check node's grid: captions x rounds, both arms
 }
 SIZE = 512  # the template browser shows thumbnails in a 256 px square; twice that for high-density screens
 
