@@ -110,3 +110,34 @@ def test_toy_check_end_to_end_with_an_interrupt(tmp_path, capsys):
     with Image.open(result.grid) as grid:
         assert grid.size[0] > grid.size[1]  # 1 + 2 arms x 2 rounds columns
     assert "check_grid.png" in (out / "check.html").read_text()
+
+
+@pytest.mark.parametrize("protocol", ["restart", "continue"])
+def test_chain_init_lora_is_round_0_untrained_and_the_start_of_every_training(tmp_path, protocol):
+    """The chain hook a check stands on: iteration 0 generates with the given LoRA as it is (no training), and each
+    later iteration trains from it (restart) or from the previous LoRA (continue)."""
+    from safetensors.torch import load_file
+
+    from redifine_core.atomic import save_safetensors
+    from redifine_core.chain import MethodConfig, run_chain
+    from tests.test_chain import PIPE, FakeBackend, _cfg, _dataset
+
+    init = tmp_path / "artist.safetensors"
+    save_safetensors(init, {"w": torch.tensor([0.25, 0.5, 0.0])})
+    fb = FakeBackend()
+    cfg = _cfg(iterations=3, protocol=protocol, methods=(MethodConfig("yours", cfg=7.0),), init_lora=str(init))
+    run_chain(PIPE, _dataset(), cfg, tmp_path / "r", backend=fb.backend(), render=False)
+    assert len(fb.finetune_calls) == 2 and all(c["init"] for c in fb.finetune_calls)  # iterations 1 and 2 only
+    lora = [load_file(str(tmp_path / "r" / "yours" / "seed_0" / f"iter_{i:03d}" / "lora.safetensors"))["w"]
+            for i in range(3)]
+    assert torch.equal(lora[0], torch.tensor([0.25, 0.5, 0.0]))
+    # the fake finetune returns [pixel mean, its seed's fraction, cond drop] + its init's weights, so the seed part
+    # of LoRA_i minus the LoRA it started from is exactly iteration i's own seed fraction
+    from redifine_core.chain import train_seed
+
+    start = {1: lora[0], 2: lora[0] if protocol == "restart" else lora[1]}
+    for i in (1, 2):
+        own = lora[i] - start[i]
+        assert float(own[1]) == pytest.approx(train_seed(cfg.train.seed, 0, i) % 1000 / 1000.0, abs=1e-6)
+    with pytest.raises(ValueError, match="init_lora"):
+        _cfg(init_lora="")
