@@ -9,22 +9,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from . import bounds
 from .chain_toml import ChainJob, check_job, load_job_dataset, load_job_pipeline, parse_chain_toml  # noqa: F401
 from .paths import check_output_dir, check_output_file
 from .cli_progress import RankLines, TqdmProgress  # noqa: F401 (cli.TqdmProgress stays importable)
-from .progress import Cancelled, CancelToken
+from .progress import Cancelled
+from .cli_terminal import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, SigintCancel,  # noqa: F401
+                           third_party_quiet)
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 CLAIM_TIMEOUT = 300.0  # chain.DEFAULT_CLAIM_TIMEOUT (not imported here: the CLI starts without torch)
 
 
@@ -37,62 +33,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-class _SigintCancel:
-    """First Ctrl-C sets the cancel token (stop at the next step); a second one raises KeyboardInterrupt."""
-
-    def __init__(self) -> None:
-        self.token = CancelToken()
-        self._old: Any = None
-
-    def __enter__(self) -> "_SigintCancel":
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not in the main thread
-            self._old = None
-        return self
-
-    def _handler(self, signum, frame) -> None:
-        if self.token.is_set():
-            raise KeyboardInterrupt
-        self.token.set()
-        print("\nstopping at the next step (press Ctrl-C again to stop at once)...", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-
-
-# ------------------------------------------------------------------------------------------- third-party output
-@contextmanager
-def _third_party_quiet(verbose: bool = False) -> Iterator[None]:
-    """Unless ``verbose``: transformers/diffusers warnings and "Loading ..." bars and Python warnings off the screen.
-
-    Our own progress bars are separate (``--quiet``). With both off, an error is the one line on stderr.
-    """
-    if verbose:
-        yield
-        return
-    import warnings
-
-    saved = []
-    for mod in ("transformers.utils.logging", "diffusers.utils.logging"):
-        try:
-            lg = __import__(mod, fromlist=["set_verbosity_error"])
-        except Exception:  # not installed: nothing to silence
-            continue
-        saved.append((lg, lg.get_verbosity(), lg.is_progress_bar_enabled()))
-        lg.set_verbosity_error()
-        lg.disable_progress_bar()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            yield
-        finally:
-            for lg, level, bars in saved:
-                lg.set_verbosity(level)
-                (lg.enable_progress_bar if bars else lg.disable_progress_bar)()
 
 
 # -------------------------------------------------------------------------------------------------------- commands
@@ -176,10 +116,10 @@ def _chain_in_process(args: argparse.Namespace, job: ChainJob, procs: Any) -> in
     progress: Any = RankLines(procs.label, disable=args.quiet) if procs.world_size > 1 \
         else TqdmProgress(disable=args.quiet)
     try:
-        with _third_party_quiet(args.verbose):
+        with third_party_quiet(args.verbose):
             dataset = load_job_dataset(job)
             pipeline = load_job_pipeline(job)
-            with _SigintCancel() as sig:
+            with SigintCancel() as sig:
                 result = run_chain(pipeline, dataset, job.config, out, progress=progress, cancel=sig.token,
                                    resume=args.resume, **kwargs)
     except (Cancelled, KeyboardInterrupt):
@@ -225,7 +165,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.resume:
         kwargs["resume"] = True
     try:
-        with _third_party_quiet(args.verbose), _SigintCancel() as sig:
+        with third_party_quiet(args.verbose), SigintCancel() as sig:
             runner = run_science if science else run_demo
             result = runner(out, progress=progress, cancel=sig.token, **kwargs)
     except (Cancelled, KeyboardInterrupt):
@@ -328,7 +268,7 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     check_output_dir(args.out, "--out", empty=True, hint="choose a new or empty folder")
     progress = TqdmProgress(disable=args.quiet)
     try:
-        with _third_party_quiet(args.verbose), _SigintCancel() as sig:
+        with third_party_quiet(args.verbose), SigintCancel() as sig:
             n = prepare_dataset(args.name, args.out, image_column=args.image_column,
                                 caption_column=args.caption_column, split=args.split, limit=args.limit,
                                 progress=progress, cancel=sig.token)

@@ -26,13 +26,15 @@ def add_arguments(c: argparse.ArgumentParser) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from . import cli
+    from .cli_progress import TqdmProgress
+    from .cli_terminal import EXIT_INTERRUPTED, EXIT_OK, SigintCancel, third_party_quiet
     from .check import check_inputs, default_out, run_check
+    from .progress import Cancelled
 
     out = args.out or str(default_out(args.lora))
-    with cli._third_party_quiet(args.verbose):  # one line, nothing loaded
+    with third_party_quiet(args.verbose):  # one line, nothing loaded
         check_inputs(args.lora, args.images, args.model, args.cfg, args.rounds, out, args.resume)
-    progress = cli.TqdmProgress(disable=args.quiet)
+    progress = TqdmProgress(disable=args.quiet)
 
     def echo(text: str) -> None:
         progress.close()
@@ -41,13 +43,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     resume_cmd = (f"redifine check --lora {args.lora} --images {args.images} --model {args.model} --cfg {args.cfg:g} "
                   f"--rounds {args.rounds} --out {out} --resume")
     try:
-        with cli._third_party_quiet(args.verbose), cli._SigintCancel() as sig:
+        with third_party_quiet(args.verbose), SigintCancel() as sig:
             result: Any = run_check(args.lora, args.images, args.model, args.cfg, args.rounds, out, progress=progress,
                                     cancel=sig.token, resume=args.resume, echo=echo)
-    except (cli.Cancelled, KeyboardInterrupt):
+    except (Cancelled, KeyboardInterrupt):
         progress.close()
         print(f"\ninterrupted: the check in {out} is resumable; continue it with:\n  {resume_cmd}", file=sys.stderr)
-        return cli.EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED
     finally:
         progress.close()
     print()
@@ -55,4 +57,4 @@ def cmd_check(args: argparse.Namespace) -> int:
     if result.grid is not None:
         print(f"grid: {result.grid}")
     print(f"answer: {result.out / 'answer.txt'} (and {result.out / 'check.html'})")
-    return cli.EXIT_OK
+    return EXIT_OK
