@@ -10,6 +10,9 @@ a real chain, whose consecutive sets share their captions and per-image seeds.
 ``calibration_data()`` rebuilds every set and its metrics (about a minute on one core); the stored result is
 ``verdict_calibration.json`` next to this file (``load_calibration``), so ``label_counts`` recomputes the label rates
 from the numbers the thresholds were tuned on in well under a second. docs/metrics.md shows the rates.
+
+These are the choosing sets: thresholds are set on them. The rates that check the thresholds come from the toy
+datasets in ``calibration_heldout.py``, which choose nothing.
 """
 
 from __future__ import annotations
