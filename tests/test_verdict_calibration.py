@@ -88,8 +88,17 @@ TINY = H.HeldOutConfig(datasets=("shapes",), set_sizes=(16,), draws=1, report_si
 def test_the_documented_heldout_tables_are_recomputed_from_the_stored_data():
     data = H.load_heldout()
     text = DOC.read_text(encoding="utf-8")
-    for row in H.detection_markdown(data) + H.report_markdown(data):
+    for row in H.detection_markdown(data) + H.report_markdown(data) + H.detection_markdown(data["family_wise"]):
         assert row in text, row
+    # the family-wise rule's detections against the chain's rule on the same sets, as the page quotes them
+    k = data["config"]["family_wise_draws"]
+    first = {"curves": {d: {"32": {f: {s: {"labels": p["labels"][:k], "effects": p["effects"][:k]}
+                                       for s, p in pts.items()} for f, pts in per["32"].items()}}
+                        for d, per in data["curves"].items()}}
+    hits = lambda d, f, s: H.detection_table(d)[f][s][32]["hits"]  # noqa: E731
+    fw = data["family_wise"]
+    assert (f"σ 0.6 right in {hits(fw, 'blur', '0.6')} of 30 (95 % rule: {hits(first, 'blur', '0.6')}), unsharp 0.5 "
+            f"in {hits(fw, 'unsharp', '0.5')} ({hits(first, 'unsharp', '0.5')})") in " ".join(text.split())
     # the stored data is what the default configuration describes, on every toy dataset
     cfg = H.HeldOutConfig()
     assert tuple(data["config"]["set_sizes"]) == cfg.set_sizes and data["config"]["draws"] == cfg.draws

@@ -75,6 +75,8 @@ class HeldOutConfig:
     family_wise_reports: int = 10
     """Simulated reports per dataset and set size under FAMILY_WISE_LEVEL (0: none)."""
     family_wise_sizes: tuple[int, ...] = (32,)
+    family_wise_draws: int = 10
+    """Draws per dataset and curve point under FAMILY_WISE_LEVEL, at family_wise_sizes."""
     families: Mapping[str, tuple[float, ...]] = field(
         default_factory=lambda: {k: v["strengths"] for k, v in PERTURBATIONS.items()})
 
@@ -250,7 +252,9 @@ def heldout_data(config: HeldOutConfig = HeldOutConfig(), with_model: bool = Tru
     if config.family_wise_reports:
         alt = replace(config, level=FAMILY_WISE_LEVEL, resamples=FAMILY_WISE_RESAMPLES,
                       reports=config.family_wise_reports, report_sizes=config.family_wise_sizes)
-        out["family_wise"] = {"level": alt.level, "resamples": alt.resamples, "reports": simulated_reports(alt)}
+        out["family_wise"] = {"level": alt.level, "resamples": alt.resamples, "reports": simulated_reports(alt),
+                              "curves": detection_curves(replace(alt, set_sizes=config.family_wise_sizes,
+                                                                 draws=config.family_wise_draws))}
     out["model_null"] = model_null(config) if with_model else None
     out["seconds"] = round(time.perf_counter() - t)
     return out
