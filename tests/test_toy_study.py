@@ -62,3 +62,14 @@ def test_a_tiny_study_runs_seed_by_seed_and_its_table_holds_every_lane(tmp_path)
     assert all(r["fid_ref"] >= 0 for r in rows if r["method"] != sa.REFERENCE)
     back = sa.read_table(sa.write_table(rows, tmp_path / "t.csv"))
     assert sa.endpoints(back, "fid_ref", sa.StudyPlan(endpoint_iterations=(0, 1)))["shapes"]["cfg-7.5"].keys() == {0, 1}
+
+
+def test_a_dataset_whose_model_is_missing_stops_the_study_before_any_run(tmp_path, monkeypatch, capsys):
+    from redifine_core import models
+
+    monkeypatch.setitem(models.TOY_MODELS, "toy:bed", tmp_path / "no_model")
+    with pytest.raises(SystemExit) as e:
+        study.main([str(tmp_path / "out"), "--run", "--datasets", "shapes,textures"])
+    assert e.value.code == 2
+    assert "toy model weights are missing" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "shapes").exists()  # shapes did not start either

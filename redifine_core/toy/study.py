@@ -96,13 +96,11 @@ def run_study(out_root: Union[str, Path], datasets: Optional[Sequence[str]] = No
     picked = pick_datasets(datasets)
     seeds = study_config(seeds, settings).seeds  # validates before any work
     out_root = check_output_dir(out_root, "out", empty=False)
-    pipelines: dict[str, object] = {}
+    pipelines = {ds.model: load_pipeline(ds.model) for ds in picked}  # a missing model stops before any run starts
     folders = []
     for seed in seeds:
         for ds in picked:
             folder = lane_folder(out_root, ds.name, seed)
-            if ds.model not in pipelines:
-                pipelines[ds.model] = load_pipeline(ds.model)
             run_chain(pipelines[ds.model], d0(ds, settings.n_images), study_config((seed,), settings), folder,
                       progress=progress, cancel=cancel, resume=(folder / "run.json").is_file(), render=False)
             folders.append(folder)
