@@ -46,14 +46,8 @@ unconditional prediction, values in (0, 1) interpolate towards it, 1 is the cond
 guidance is refused); progress arguments lie in [0, 1]; rates are >= 0.
 
 PRESETS: every reading of ReDiFine's schedule (the paper's formula is unknown) is a named preset set by the user's
-usual CFG W, with the low scale L = low_scale(W) (the scale rule); the table, with each reading's source and the
-legacy meanings of the names, lives in ``presets.py``, and docs/schedules.md gives the rule and the values:
-
-    redifine_decay(W, rate)   = exp(W, 1, rate)            the reviewers: decaying over the denoising steps
-    redifine_rising(W)        = linear(L, W)               the summary: low CFG first, then high, over the steps
-    redifine_alternate(W)     = cycle(L, W)                the summary: low and high alternating along the chain
-    redifine_chain(W, rate)   = chain_decay(W, L, rate)    the reviewers: decaying along the chain
-    redifine(W)               the reading presets.REDIFINE_READING names
+usual CFG W (``redifine_decay``, ``redifine_rising``, ``redifine_alternate``, ``redifine_chain``, and the alias
+``redifine``); ``presets.py`` owns the table with each reading's source, docs/schedules.md the scale rule and values.
 
 Schedules are immutable and hashable; equality is structural (two schedules are equal when their canonical
 ``spec`` is equal), so ``exp(7.5, 1, 3)`` equals the expanded ``redifine`` preset. ``parse_schedule(s.spec) == s``.

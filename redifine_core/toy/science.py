@@ -93,7 +93,8 @@ def run_science(out_dir: Union[str, Path], seeds: Union[int, Sequence[int]] = ST
     return run_toy_chain(out_dir, config, settings, progress, cancel, model=model, resume=resume)
 
 
-def _open_rgb(paths) -> list[Image.Image]:
+def open_rgb(paths) -> list[Image.Image]:
+    """The images at ``paths`` as RGB PIL images, each file closed once read."""
     out = []
     for p in paths:
         with Image.open(p) as im:
@@ -108,7 +109,7 @@ def iteration_records(run_dir: str | Path) -> dict[str, dict[int, dict[int, dict
     for r in folder.read().records:
         if not r.done:
             continue
-        images = _open_rgb(folder.iteration_images(r.method, r.seed, r.iteration))
+        images = open_rgb(folder.iteration_images(r.method, r.seed, r.iteration))
         fid = check(images, folder.read_captions(r.method, r.seed, r.iteration))
         rec: dict = dict(r.metrics)
         rec.update({"fidelity": fid["full"], "fid_shape": fid["shape"], "fid_color": fid["color"],
@@ -121,7 +122,7 @@ def iteration_records(run_dir: str | Path) -> dict[str, dict[int, dict[int, dict
 def reference_record(run_dir: str | Path) -> dict[str, float]:
     """Metrics and fidelity of D0 (the run's reference images)."""
     data = RunFolder(run_dir).read()
-    fid = check(_open_rgb(RunFolder(run_dir).reference_images()), data.captions)
+    fid = check(open_rgb(RunFolder(run_dir).reference_images()), data.captions)
     rec = dict(data.reference_metrics)
     rec["fidelity"] = fid["full"]
     return rec
@@ -401,7 +402,7 @@ def grid(run_dir: str | Path, path: str | Path, seed: int = 0, n: int = 12, scal
             rows.append((f"{method} {i}", folder.iteration_images(method, seed, i)[:n]))
     images: list[Optional[Image.Image]] = []
     for _, paths in rows:
-        opened = _open_rgb(paths)
+        opened = open_rgb(paths)
         images += opened + [None] * (n - len(opened))  # a short row keeps its columns aligned
     tile = images[0].width * scale if images and images[0] is not None else 64
     path = Path(path)

@@ -19,6 +19,7 @@ from ..presets import USUAL_CFG
 from ..progress import CancelFlag, ProgressCallback
 from . import study_analysis as sa
 from .demo import DemoSettings
+from .science import open_rgb
 
 STUDY_SETTINGS = DemoSettings(n_images=32, iterations=6, finetune_steps=30, learning_rate=2e-3, rank=8, batch_size=8,
                               sample_steps=10, low_cfg=1.0, high_cfg=7.5)
@@ -107,14 +108,6 @@ def run_study(out_root: Union[str, Path], datasets: Optional[Sequence[str]] = No
     return folders
 
 
-def _open_rgb(paths) -> list[Image.Image]:
-    out = []
-    for p in paths:
-        with Image.open(p) as im:
-            out.append(im.convert("RGB"))
-    return out
-
-
 def table_rows(out_root: Union[str, Path], datasets: Optional[Sequence[str]] = None) -> list[dict]:
     """The per-seed table of every finished iteration under ``out_root`` (one D0 row per dataset first)."""
     rows: list[dict] = []
@@ -125,7 +118,7 @@ def table_rows(out_root: Union[str, Path], datasets: Optional[Sequence[str]] = N
             data = folder.read()
             if n == 0:  # D0 is the same set in every seed's folder
                 ref = {k: v for k, v in data.reference_metrics.items() if isinstance(v, (int, float))}
-                ref["fidelity"] = fidelity(ds, _open_rgb(folder.reference_images()), data.captions)
+                ref["fidelity"] = fidelity(ds, open_rgb(folder.reference_images()), data.captions)
                 rows.append({"dataset": ds.name, "method": sa.REFERENCE, "seed": 0, "iteration": 0, **ref})
             rows += _lane_rows(ds, folder, data)
     return rows
@@ -136,7 +129,7 @@ def _lane_rows(ds, folder: RunFolder, data) -> list[dict]:
     for r in data.records:
         if not r.done:
             continue
-        images = _open_rgb(folder.iteration_images(r.method, r.seed, r.iteration))
+        images = open_rgb(folder.iteration_images(r.method, r.seed, r.iteration))
         rec = {k: v for k, v in r.metrics.items() if isinstance(v, (int, float))}
         rec["fidelity"] = fidelity(ds, images, folder.read_captions(r.method, r.seed, r.iteration))
         rows.append({"dataset": ds.name, "method": r.method, "seed": r.seed, "iteration": r.iteration, **rec})

@@ -1,13 +1,11 @@
-"""Train the toy text-to-image model from scratch: ``python -m redifine_core.toy.train [--out DIR] [--minutes M]``.
+"""Train a toy text-to-image model from scratch: ``python -m redifine_core.toy.train [--arch shapes|bed] [--out DIR]``.
 
-``--arch bed`` trains the model of the texture and patterned-shape sets (``registry.TRAINING_SETS``) into
-``toy/model_bed``; the default, ``shapes``, the 32 px shipped ``toy`` model. Seeded; on the CPU by default, ``--device cuda`` runs the same recipe (random numbers are drawn on the CPU either
-way). Phase 1 trains the VAE on reconstruction, then its decoder alone on the encoder's mean latents; phase 2
-caches the training set's latents and trains the conditional UNet and the text encoder together (epsilon prediction,
-caption dropout so classifier-free guidance works, EMA weights kept and shipped). A checkpoint is written every
-``--checkpoint-every`` steps (safetensors + JSON, with optimizer and RNG state) and a rerun resumes from it. The
-finished model is written as a Stable Diffusion 1.x-layout diffusers folder into a temp folder beside ``--out`` and
-renamed into place.
+``--arch shapes`` (default) trains the shipped 32 px ``toy`` model, ``--arch bed`` the model of the texture and
+patterned-shape sets (``registry.TRAINING_SETS``) into ``toy/model_bed``. Seeded; CPU by default, ``--device cuda``
+runs the same recipe. Phase 1 trains the VAE, then its decoder alone on the encoder's mean latents; phase 2 trains
+the conditional UNet and text encoder on cached latents (epsilon prediction, caption dropout, EMA weights shipped).
+Checkpoints (safetensors + JSON, optimizer and RNG state) every ``--checkpoint-every`` steps let a rerun resume; the
+finished SD 1.x-layout diffusers folder is written beside ``--out`` and renamed into place.
 """
 
 from __future__ import annotations
